@@ -1,0 +1,1 @@
+"""PyTorch SAM-family checkpoints to Flax parameters and back."""
