@@ -1,0 +1,46 @@
+"""Medical SAM Adapter (MSA) bottleneck: x -> fc2(GELU(fc1(x))) [+ x].
+
+Attribute names `D_fc1` / `D_fc2` mirror the PyTorch original so checkpoint keys
+(`...Space_Adapter.D_fc1.weight`) map through the shared conversion rules unchanged.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fedfms_jax.models.common import gelu
+
+
+class Adapter(nnx.Module):
+    """Bottleneck adapter with hidden width `int(dim * mlp_ratio)` (768 -> 192 -> 768).
+
+    skip_connect: return `x + adapter(x)` (Space adapter) instead of `adapter(x)`
+        (MLP and Depth adapters, whose caller adds the result).
+    zero_init: zero the up-projection `D_fc2` so the adapter's output is exactly 0
+        (or exactly x with skip): an adapted model then starts equal to its base.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float = 0.25,
+        skip_connect: bool = True,
+        zero_init: bool = False,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        hidden = int(dim * mlp_ratio)
+        self.skip_connect = skip_connect
+        self.D_fc1 = nnx.Linear(dim, hidden, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        fc2_kw = {}
+        if zero_init:
+            fc2_kw = dict(kernel_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros)
+        self.D_fc2 = nnx.Linear(
+            hidden, dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs, **fc2_kw
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xs = self.D_fc2(gelu(self.D_fc1(x)))
+        return x + xs if self.skip_connect else xs
