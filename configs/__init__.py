@@ -1,0 +1,1 @@
+"""Training configs (ml_collections): `--config configs/<name>.py[:key=value,...]`."""

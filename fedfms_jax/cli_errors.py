@@ -1,0 +1,54 @@
+"""One-line errors for the command-line tools.
+
+Bad input (a config field that does not exist, a missing weights directory, a work dir
+made by another config, ...) ends the program with a single line on stderr and exit
+code 2, before anything in an existing work dir is touched.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+class DivergedError(Exception):
+    """Training produced a non-finite loss: reported as one line, exit code 3."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def usage_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input, including the data package's own."""
+    types: list[type[BaseException]] = [UsageError]
+    try:
+        from fedfms_jax.data import DataError  # missing manual files, unknown federation
+        types.append(DataError)
+    except Exception:  # the data package may not define it
+        pass
+    try:
+        from fedfms_jax.data.assets import AssetError
+        types.append(AssetError)
+    except Exception:
+        pass
+    return tuple(types)
+
+
+def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str], prog: str) -> int:
+    """Run `main(argv)`; turn bad input into one line + exit 2."""
+    try:
+        return int(main(argv) or 0)
+    except usage_error_types() as exc:
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except DivergedError as exc:
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_DIVERGED

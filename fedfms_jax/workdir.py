@@ -1,0 +1,130 @@
+"""Work directory bookkeeping: config fingerprint, refusal of foreign dirs, writability.
+
+A work dir belongs to exactly one config. Re-running the same command resumes; a
+different config is refused (exit 2) and nothing in the directory is touched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from fedfms_jax.cli_errors import UsageError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+CKPT_DIR = "checkpoints"
+OVERLAY_DIR = "overlays"
+
+
+def canonical_json(cfg: dict) -> str:
+    return json.dumps(cfg, sort_keys=True, indent=1)
+
+
+def fingerprint(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def check_writable(path: Path) -> None:
+    """Raise UsageError unless `path` (or the nearest existing parent) is writable."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"work dir {path} is not a directory ({probe} is a file)")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write_probe_", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise UsageError(f"work dir {path} is not writable ({exc.strerror or exc})") from None
+
+
+def prepare(workdir: str | os.PathLike, cfg: dict) -> tuple[Path, bool]:
+    """Check `workdir` for `cfg` before any file is written.
+
+    Returns (path, resuming). Refuses a directory made with another config, or a
+    non-empty directory that is no work dir at all.
+    """
+    path = Path(workdir)
+    check_writable(path)
+    cfg_file = path / CONFIG_FILE
+    if cfg_file.exists():
+        try:
+            old = json.loads(cfg_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{cfg_file} is unreadable ({exc}); refusing to reuse this work dir") from None
+        if old != cfg:
+            changes = _diff(old, cfg)
+            shown = "; ".join(changes[:3]) + (f"; +{len(changes) - 3} more" if len(changes) > 3 else "")
+            raise UsageError(f"work dir {path} was made with a different config ({shown}); "
+                             "use a new --workdir")
+        return path, True
+    if path.exists() and any(path.iterdir()):
+        raise UsageError(f"work dir {path} is not empty and has no {CONFIG_FILE}; refusing to overwrite it")
+    return path, False
+
+
+def create(path: Path, cfg: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomic(path / CONFIG_FILE, canonical_json(cfg) + "\n")
+
+
+def write_atomic(target: Path, text: str) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+
+
+def load_config(workdir: str | os.PathLike) -> dict:
+    cfg_file = Path(workdir) / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise UsageError(f"{workdir} is not a training work dir (no {CONFIG_FILE})")
+    return json.loads(cfg_file.read_text())
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line; on resume, lines past the restored round go."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, last_round: int) -> None:
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if rec.get("round", 0) <= last_round:
+                keep.append(line)
+        write_atomic(self.path, "".join(l + "\n" for l in keep))
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
