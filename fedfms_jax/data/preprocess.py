@@ -1,0 +1,173 @@
+"""Shared preprocessing: reading raw files, intensity scaling, resizing, splitting by patient.
+
+Follows the original's recipe: MR/CT intensities clipped at the 99th percentile and scaled to
+0-255, grey -> 3 channels, image resized bilinearly to S, mask by nearest neighbour to S/4.
+Every reader raises DataError naming the file it could not read.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from fedfms_jax.data.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+# -- readers ------------------------------------------------------------------------------
+def read_image(path: Path) -> np.ndarray:
+    """An image file (PNG/JPG/BMP/TIF) as a numpy array, uint8 where the file is 8-bit."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing file {path}")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+            return np.asarray(tifffile.imread(path))
+        with Image.open(path) as im:
+            if im.mode in ("P", "PA"):  # palette: keep the indices (label maps), else colours
+                return np.asarray(im)
+            if im.mode in ("I;16", "I;16B", "I"):
+                return np.asarray(im)
+            return np.asarray(im.convert("RGB") if im.mode in ("CMYK", "YCbCr", "LA") else im)
+    except DataError:
+        raise
+    except Exception as e:  # PIL/tifffile raise many types for truncated or foreign files
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}".replace("\n", " ")) from None
+
+
+def read_nifti(path: Path) -> np.ndarray:
+    """A NIfTI volume as float32 [X, Y, Z] (nibabel's axis order)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing file {path}")
+    try:
+        import nibabel as nib
+        vol = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    except Exception as e:
+        raise DataError(f"cannot read NIfTI volume {path}: {type(e).__name__}: {e}".replace("\n", " ")) from None
+    if vol.ndim == 4 and vol.shape[-1] == 1:
+        vol = vol[..., 0]
+    if vol.ndim != 3:
+        raise DataError(f"NIfTI volume {path} has shape {vol.shape}, expected 3-D")
+    return vol
+
+
+def read_npy(path: Path, mmap: bool = True) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing file {path}")
+    try:  # allow_pickle stays False: object arrays from unknown files are refused
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {e}".replace("\n", " ")) from None
+
+
+def axial_slices(vol: np.ndarray) -> np.ndarray:
+    """[X, Y, Z] NIfTI volume -> [Z, Y, X] stack of axial slices (rows = Y, as viewers show them)."""
+    return np.transpose(vol, (2, 1, 0))
+
+
+# -- intensities --------------------------------------------------------------------------
+def clip_scale(vol: np.ndarray, percentile: float = 99.0) -> np.ndarray:
+    """Clip at the given percentile, scale [min, clip] to 0-255 uint8 (one window per volume)."""
+    vol = np.asarray(vol, dtype=np.float32)
+    low = float(vol.min())
+    high = float(np.percentile(vol, percentile))
+    if high <= low:
+        return np.zeros(vol.shape, np.uint8)
+    out = (np.clip(vol, low, high) - low) * (255.0 / (high - low))
+    return np.round(out).astype(np.uint8)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Bring an 8-bit, 16-bit or float image to uint8 (16-bit / float by clip_scale)."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == bool:
+        return image.astype(np.uint8) * 255
+    return clip_scale(image)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """[H,W] or [H,W,1|2|3|4] uint8 -> [H,W,3] (grey repeated, alpha dropped)."""
+    image = to_uint8(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] in (1, 2):
+        return np.repeat(image[..., :1], 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3])
+
+
+# -- geometry -----------------------------------------------------------------------------
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """[H,W,3] uint8 -> [size,size,3] uint8, bilinear."""
+    if image.shape[:2] == (size, size):
+        return np.ascontiguousarray(image)
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """[H,W,C] {0,1} -> [size,size,C] uint8 by nearest neighbour (pixel-centre sampling)."""
+    mask = np.asarray(mask)
+    if mask.ndim == 2:
+        mask = mask[..., None]
+    h, w = mask.shape[:2]
+    rows = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
+    return np.ascontiguousarray((mask[rows][:, cols] != 0).astype(np.uint8))
+
+
+def example(image: np.ndarray, mask: np.ndarray, image_size: int, case_id: str) -> dict:
+    """A finished example: RGB image at S, binary mask at S/4."""
+    return {"image": resize_image(to_rgb(image), image_size),
+            "mask": resize_mask(mask, image_size // 4), "case_id": case_id}
+
+
+# -- files and splits ---------------------------------------------------------------------
+def list_images(folder: Path, exclude: Iterable[str] = ()) -> list[Path]:
+    exclude = tuple(exclude)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not any(x in p.name for x in exclude))
+
+
+def find_by_stem(folder: Path, stem: str, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> Path:
+    for suf in suffixes:
+        for cand in (folder / f"{stem}{suf}", folder / f"{stem}{suf.upper()}"):
+            if cand.is_file():
+                return cand
+    raise DataError(f"missing mask for {stem}: expected {folder / stem}.png (or .tif/.bmp/.jpg)")
+
+
+def patient_of(stem: str) -> str:
+    """Patient key of a 2-D slice file: a TCGA barcode's patient ('TCGA-XX-XXXX'), else the
+    name before a separated trailing slice number ('pat07_slice_034' -> 'pat07'), else the name."""
+    if stem.upper().startswith("TCGA-") and len(stem) >= 12:
+        return stem[:12]
+    m = re.match(r"^(.+?)[_\-. ]+(?:slice[_\-]?|z)?\d+$", stem, re.IGNORECASE)
+    return m.group(1) if m else stem
+
+
+def split_cases(case_ids: Sequence[str], val_fraction: float, seed: int, site: str) -> tuple[set, set]:
+    """Deterministic patient-level split: order cases by a seeded hash, the first
+    max(1, round(f * n)) are validation (none when a site has a single case)."""
+    unique = sorted(set(case_ids))
+    if len(unique) < 2 or val_fraction <= 0:
+        return set(unique), set()
+    key = lambda c: hashlib.sha256(f"{seed}/{site}/{c}".encode()).hexdigest()  # noqa: E731
+    ordered = sorted(unique, key=key)
+    n_val = min(len(unique) - 1, max(1, int(round(val_fraction * len(unique)))))
+    return set(ordered[n_val:]), set(ordered[:n_val])
+
+
+def sanitize(name: str) -> str:
+    """Site name -> TFDS split-name prefix ('ISBI_1.5' -> 'isbi_1_5')."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
