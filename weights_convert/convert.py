@@ -1,0 +1,167 @@
+"""PyTorch state dict -> converted weights directory, and back.
+
+Every model variable is matched to its PyTorch key by `weights_convert.rules` (the same
+table `fedfms_jax.models.torch_state` uses), against the model's structure built with
+shapes only. Tensors are then read, converted and written one at a time, so memory
+stays near one copy of the output. Any missing, unexpected or mis-shaped key stops the
+conversion before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from weights_convert import rules
+from weights_convert.detect import Detected, detect, is_adapter_key
+from weights_convert.pth import load_checkpoint
+from weights_convert.store import (
+    abstract_model, mismatch_message, model_variables, path_name, read_meta, read_params, write_dir,
+)
+from weights_convert.tensorfile import CheckpointError, PendingTensor, as_numpy
+
+PIXEL_NORMS = ("sam", "unit")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+    variant: str = "auto"
+    image_size: int | None = None  # None: the checkpoint's own
+    adapters: bool = False  # add freshly initialised MSA adapters if the checkpoint has none
+    adapter_zero_init: bool = False  # ... with a zero up-projection (model output unchanged)
+    prompt_free: bool = False  # FedFMS: the decoder ignores prompts
+    pixel_norm: str = "sam"  # "unit": images / 255 without SAM's mean/std (as FedFMS trains)
+    seed: int = 0  # for added adapters
+
+
+def _is_torch_only(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in rules.TORCH_ONLY_SUFFIXES
+
+
+def _torch_shape(path: tuple, flax_shape: tuple) -> tuple:
+    dummy = np.broadcast_to(np.zeros((), np.float32), flax_shape)  # no memory: shape arithmetic only
+    return tuple(rules.to_torch(path, dummy).shape)
+
+
+def make_config(det: Detected, opts: ConvertOptions):
+    from fedfms_jax.models.sam import SamConfig
+
+    if opts.pixel_norm not in PIXEL_NORMS:
+        raise CheckpointError(f"--pixel-norm must be one of {', '.join(PIXEL_NORMS)}, not {opts.pixel_norm!r}")
+    size = opts.image_size or det.image_size
+    kw: dict[str, Any] = dict(
+        encoder=det.encoder, image_size=int(size), adapters=det.adapters or opts.adapters,
+        prompt_free=opts.prompt_free, num_classes=det.num_classes, pixel_norm=opts.pixel_norm,
+    )
+    if opts.adapters and not det.adapters:
+        kw["adapter_zero_init"] = opts.adapter_zero_init
+    if det.tiny_vit is not None:
+        kw["tiny_vit"] = dataclasses.replace(det.tiny_vit, img_size=int(size))
+    return SamConfig(**kw)
+
+
+def _resizer(key: str, src: tuple, dst: tuple) -> Callable[[np.ndarray], np.ndarray] | None:
+    """How to bring a positional table to the new input size, or None if it is not one."""
+    from fedfms_jax.models.image_encoder import resize_pos_embed, resize_rel_pos
+
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "pos_embed" and len(src) == len(dst) == 4 and src[-1] == dst[-1]:
+        return lambda a: resize_pos_embed(a, (dst[1], dst[2]))
+    if leaf in ("rel_pos_h", "rel_pos_w") and len(src) == len(dst) == 2 and src[1] == dst[1]:
+        return lambda a: resize_rel_pos(a, dst[0])
+    return None
+
+
+def plan(state_dict: Mapping[str, Any], config, *, resizing: bool, adding_adapters: bool, seed: int = 0):
+    """Match the state dict to the model: (pending output tensors, torch-only values).
+
+    Raises CheckpointError listing every missing, unexpected and mis-shaped key.
+    """
+    model = abstract_model(config)
+    variables = model_variables(model)
+    missing, misshaped, fresh, pending, used = [], [], [], [], set()
+    for path, var in variables:
+        key = rules.torch_key(path)
+        flax_shape, dtype = tuple(var.value.shape), np.dtype(var.value.dtype)
+        want = _torch_shape(path, flax_shape)
+        if key not in state_dict:
+            if adding_adapters and is_adapter_key(key):
+                fresh.append((path, flax_shape, dtype))
+            else:
+                missing.append(key)
+            continue
+        used.add(key)
+        have = tuple(state_dict[key].shape)
+        transform = None
+        if have != want:
+            transform = _resizer(key, have, want) if resizing else None
+            if transform is None:
+                misshaped.append(f"{key}: checkpoint {have}, model expects {want}")
+                continue
+
+        def produce(path=path, key=key, transform=transform, dtype=dtype):
+            value = as_numpy(state_dict[key])
+            if transform is not None:
+                value = transform(value)
+            return np.asarray(rules.to_flax(path, value), dtype=dtype)
+
+        pending.append(PendingTensor(path_name(path), flax_shape, dtype, produce))
+    unexpected = [k for k in state_dict if k not in used and not _is_torch_only(k)]
+    if missing or unexpected or misshaped:
+        raise CheckpointError(mismatch_message(
+            "checkpoint does not match the model (nothing written):", missing, unexpected, misshaped))
+    if fresh:
+        pending.extend(_fresh_tensors(config, fresh, seed))
+    torch_only = {k: as_numpy(v).tolist() for k, v in state_dict.items() if _is_torch_only(k)}
+    return pending, torch_only
+
+
+def _fresh_tensors(config, fresh, seed: int) -> list[PendingTensor]:
+    """Initial values of the added adapters, from a model built for real (once)."""
+    from flax import nnx
+
+    from fedfms_jax.models.sam import build_sam
+
+    model = build_sam(config, rngs=nnx.Rngs(seed))
+    values = {path_name(p): v.value for p, v in model_variables(model)}
+    return [PendingTensor(path_name(p), shape, dtype, lambda v=values[path_name(p)], d=dtype: np.asarray(v, d))
+            for p, shape, dtype in fresh]
+
+
+def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
+                       opts: ConvertOptions = ConvertOptions(), *, force: bool = False) -> dict:
+    """Convert a PyTorch checkpoint into a weights directory; returns a summary."""
+    state_dict = load_checkpoint(checkpoint)
+    det = detect(state_dict, opts.variant)
+    config = make_config(det, opts)
+    adding = opts.adapters and not det.adapters
+    pending, torch_only = plan(state_dict, config, resizing=config.image_size != det.image_size,
+                               adding_adapters=adding, seed=opts.seed)
+    meta = {
+        "source": {"checkpoint": Path(checkpoint).name, "keys": len(state_dict),
+                   "image_size": det.image_size, "adapters": det.adapters},
+        "added_adapters": adding,
+        "torch_only": torch_only,
+    }
+    write_dir(out, config, pending, meta=meta, force=force)
+    return {"detected": det.describe(), "keys_used": len(state_dict), "tensors_written": len(pending),
+            "image_size": config.image_size, "added_adapters": adding}
+
+
+def exported_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The weights in DIR as a PyTorch state dict (numpy arrays, PyTorch layouts and keys)."""
+    doc = read_meta(directory)
+    tensors = read_params(directory)
+    torch_only = doc.get("torch_only") or {}
+    out: dict[str, np.ndarray] = {}
+    for name, lazy in tensors.items():
+        path = tuple(name.split("/"))
+        key = rules.torch_key(path)
+        out[key] = np.asarray(rules.to_torch(path, lazy.numpy()))
+        if key.endswith(".running_var"):  # torch keeps a batch counter after each BatchNorm
+            counter = key[: -len("running_var")] + "num_batches_tracked"
+            out[counter] = np.asarray(torch_only.get(counter, 0), np.int64)
+    return out
