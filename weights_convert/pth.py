@@ -221,3 +221,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, LazyTensor]:
         tensors, _ = read_safetensors(path)
         return unwrap_state_dict(tensors, path)
     return unwrap_state_dict(read_pth(path), path)
+
+
+def load_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """State dict of a `.pth`/`.safetensors` file as numpy arrays (all read now), safely."""
+    return {k: v.numpy() for k, v in load_checkpoint(path).items()}
