@@ -39,7 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_classes = 1
     c.unseen = 0               # index of the held-out site (-1 = last; None-like: see `no_unseen`)
     c.no_unseen = False        # train on every site, evaluate no unseen site
-    c.sites = ()               # subset of site names to use ('' = all)
+    c.sites = ()               # subset of site names to use (empty = all)
+    c.synthetic_sites = 4      # synthetic federation only: sites and images per site
+    c.synthetic_images = 16
     # --- method
     c.method = "fedmsa"        # fedmsa: adapters + prompt encoder + decoder; fedsam: everything
     c.mode = "federated"       # federated | centralized (pooled sites) | local (no aggregation)
@@ -60,7 +62,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.pos_weight = 2.0
     c.server_optimizer = "fedavg"
     c.server_lr = 1.0
-    c.prompt = "none"          # prompts fed while training/evaluating: none | box
     # --- evaluation and outputs
     c.eval_every = 5
     c.eval_batch_size = 8

@@ -1,0 +1,120 @@
+"""Build the SAM model a training config asks for and fill in its starting weights.
+
+`init_from` is one of
+  * "random": the model's own initialisation (seeded);
+  * "lite_medsam": the real LiteMedSAM weights (TinyViT at 256 px), fetched and verified;
+  * a directory written by `weights_convert` (model.json + weights).
+Parameters the weights do not have (MSA adapters, the multi-class `seg1` head) keep
+their initialisation; anything else missing, or any shape mismatch, means the weights
+belong to another variant and is refused.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flax import nnx
+
+from fedfms_jax.cli_errors import UsageError
+
+# Parameters a pretrained SAM never has: they start from the model's own init.
+NEW_PARAM_MARKERS = ("_Adapter.", "seg1.")
+
+
+def sam_config(cfg: dict):
+    """The SamConfig for a (plain dict) training config."""
+    from fedfms_jax.models.sam import SamConfig
+    m = cfg["model"]
+    kw = dict(encoder=m["encoder"], image_size=cfg["image_size"], adapters=m["adapters"],
+              adapter_zero_init=m["adapter_zero_init"], prompt_free=m["prompt_free"],
+              num_classes=cfg["num_classes"], pixel_norm=m["pixel_norm"], dtype=m["dtype"])
+    if m.get("tiny_vit"):
+        kw["tiny_vit"] = m["tiny_vit"]
+    try:
+        return SamConfig(**kw)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"invalid model settings: {exc}") from None
+
+
+def check_geometry(cfg: dict) -> None:
+    """Reject image sizes the encoder cannot take before anything is built."""
+    size = cfg["image_size"]
+    patch = 1 if cfg["model"]["encoder"] in ("tiny_vit",) else 16
+    if size <= 0 or size % patch or size % 4:
+        raise UsageError(f"image_size {size} is not divisible by the encoder's patch size {patch} "
+                         f"(and by 4 for the low-res masks)")
+    if cfg["model"]["encoder"] == "tiny_vit" and size % 64:
+        raise UsageError(f"image_size {size} must be a multiple of 64 for the TinyViT encoder")
+
+
+def build_model(cfg: dict, *, seed: int | None = None):
+    """(SamConfig, Sam, info) for the training config `cfg`, weights loaded per init_from."""
+    from fedfms_jax.models.sam import build_sam
+    check_geometry(cfg)
+    init = cfg["init_from"]
+    if init not in ("random", "lite_medsam"):
+        _check_weights_dir(Path(init))
+    scfg = sam_config(cfg)
+    try:
+        model = build_sam(scfg, rngs=nnx.Rngs(cfg["seed"] if seed is None else seed))
+    except (ValueError, AssertionError) as exc:
+        raise UsageError(f"cannot build the model: {exc}") from None
+    info = {"init_from": init}
+    if init == "lite_medsam":
+        from fedfms_jax.data.assets import LITE_MEDSAM, fetch
+        from weights_convert.pth import load_pth
+        state_dict = load_pth(fetch(LITE_MEDSAM))
+        info.update(_load_into(model, state_dict, "LiteMedSAM weights"))
+    elif init != "random":
+        info.update(load_weights_dir(model, Path(init)))
+    return scfg, model, info
+
+
+def _check_weights_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise UsageError(f"init_from: weights directory {path} does not exist")
+    if not (path / "model.json").is_file():
+        raise UsageError(f"init_from: {path} has no model.json (expected a weights_convert output)")
+
+
+def load_weights_dir(model, path: Path) -> dict:
+    """Copy a weights_convert directory's weights into `model` (same variant required)."""
+    from fedfms_jax.models.torch_state import export_state_dict
+    from weights_convert.store import load_model
+    _check_weights_dir(path)
+    try:
+        _, src = load_model(path)
+    except Exception as exc:  # unreadable or inconsistent files
+        raise UsageError(f"cannot read weights in {path}: {' '.join(str(exc).split())[:300]}") from None
+    return _load_into(model, export_state_dict(src), f"weights in {path}")
+
+
+def _load_into(model, state_dict, what: str) -> dict:
+    from fedfms_jax.models.torch_state import load_state_dict
+    report = load_state_dict(model, state_dict, strict=False)
+    missing = [k for k in report.missing if not any(m in k for m in NEW_PARAM_MARKERS)]
+    if report.mismatched or missing or report.unexpected:
+        first = (report.mismatched or missing or report.unexpected)[0]
+        raise UsageError(
+            f"{what} are for another model variant ({len(report.mismatched)} mis-shaped, "
+            f"{len(missing)} missing, {len(report.unexpected)} unexpected keys; first: {first})")
+    return {"kept_init": len(report.missing)}
+
+
+def describe_weights_dir(path: Path) -> dict:
+    try:
+        return json.loads((path / "model.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def make_forward(pixel_norm: str):
+    """forward(model, images uint8 [B,H,W,3], boxes=None, points=None) -> logits [B,h,w,K]."""
+    from fedfms_jax.models.sam import preprocess
+
+    def forward(model, images, boxes=None, points=None):
+        x = preprocess(images, pixel_norm)
+        logits, _ = model(x, points=points, boxes=boxes, mask_inputs=None, multimask_output=False)
+        return logits
+
+    return forward

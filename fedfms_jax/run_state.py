@@ -1,0 +1,192 @@
+"""Everything a run is made of, built from its config: data, model, engine, state.
+
+Shared by `train` (fresh or resumed), `evaluate` and `predict` (restored from a work
+dir's checkpoint), so that all three rebuild exactly the same model and state layout.
+
+Modes: "federated" (FedAvg over the training sites), "centralized" (one client holding
+the pooled training sites), "local" (every site trains alone, no aggregation: one engine
+of one client whose state is swapped per site; the unseen site is scored with the
+sample-weighted mean of the local models).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from fedfms_jax import model_init, workdir as wd
+from fedfms_jax.checkpoint import Checkpointer
+from fedfms_jax.cli_errors import UsageError
+
+
+# ------------------------------------------------------------------------------ data
+def load_federation(cfg: dict):
+    from fedfms_jax.data.federations import get_federation
+    kw = {}
+    if cfg["federation"] == "synthetic":
+        kw = dict(num_sites=cfg.get("synthetic_sites", 4), images_per_site=cfg.get("synthetic_images", 16),
+                  num_classes=cfg["num_classes"], seed=cfg["seed"])
+    try:
+        fed = get_federation(cfg["federation"], image_size=cfg["image_size"],
+                             data_dir=cfg["data_dir"] or None, manual_dir=cfg["manual_dir"] or None, **kw)
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"federation {cfg['federation']!r}: {exc}") from None
+    if fed.num_classes != cfg["num_classes"]:
+        raise UsageError(f"config num_classes={cfg['num_classes']} but {fed.name} has {fed.num_classes} classes")
+    return fed
+
+
+def resolve_sites(cfg: dict, fed) -> tuple[list[str], str | None]:
+    sites = list(fed.sites)
+    if cfg["sites"]:
+        unknown = [s for s in cfg["sites"] if s not in sites]
+        if unknown:
+            raise UsageError(f"sites {unknown} not in {fed.name} (sites: {', '.join(sites)})")
+        sites = [s for s in sites if s in cfg["sites"]]
+    if cfg["no_unseen"]:
+        return sites, None
+    u = cfg["unseen"]
+    if not -len(sites) <= u < len(sites):
+        raise UsageError(f"unseen={u} out of range for {len(sites)} sites ({', '.join(sites)})")
+    unseen = sites[u]
+    train = [s for s in sites if s != unseen]
+    if not train:
+        raise UsageError("no training site left after holding out the unseen site")
+    return train, unseen
+
+
+def client_sources(cfg: dict, fed, train_sites):
+    from fedfms_jax.data.federations import ConcatSource
+    if cfg["mode"] == "centralized":
+        return ["pooled"], [ConcatSource([fed.train(s) for s in train_sites])]
+    return list(train_sites), [fed.train(s) for s in train_sites]
+
+
+def make_loader(cfg: dict, sources):
+    from fedfms_jax.data.pipeline import FederatedLoader
+    steps = cfg["local_steps"]
+    return FederatedLoader(sources, cfg["batch_size"], seed=cfg["seed"],
+                           mode="steps" if steps > 0 else "epoch", steps=steps or None, num_workers=2)
+
+
+def round_batches(loader, cfg: dict, round_: int) -> dict:
+    """Batches of training round `round_` (1-based): local_epochs loader rounds stacked."""
+    e = cfg["local_epochs"]
+    parts = [loader.round_batches((round_ - 1) * e + i) for i in range(e)]
+    return parts[0] if e == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ------------------------------------------------------------------------------ engine
+def client_optimizer(cfg: dict):
+    if cfg["weight_decay"]:
+        return optax.adamw(cfg["lr"], b1=cfg["b1"], b2=cfg["b2"], weight_decay=cfg["weight_decay"])
+    return optax.adam(cfg["lr"], b1=cfg["b1"], b2=cfg["b2"])
+
+
+def make_engine(cfg: dict, model):
+    from fedfms_jax.federated.round import FederatedEngine
+    from fedfms_jax.federated.server_optim import server_optimizer
+    forward = model_init.make_forward(cfg["model"]["pixel_norm"])
+    try:
+        server = server_optimizer(cfg["server_optimizer"], lr=cfg["server_lr"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return FederatedEngine(model, cfg["partition"] or cfg["method"], forward=forward,
+                           client_optimizer=client_optimizer(cfg), server_optimizer=server,
+                           loss="bce", pos_weight=cfg["pos_weight"])
+
+
+def to_tree(state) -> dict:
+    """FedState(s) -> plain dict for orbax (per site in local mode)."""
+    if isinstance(state, dict):
+        return {k: v._asdict() for k, v in state.items()}
+    return state._asdict()
+
+
+def from_tree(tree, like):
+    if isinstance(like, dict):
+        return {k: type(v)(**tree[k]) for k, v in like.items()}
+    return type(like)(**tree)
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: dict
+    fed: Any
+    train_sites: list[str]
+    unseen_site: str | None
+    clients: list[str]          # names of the engine's clients ("pooled" when centralized)
+    engine: Any
+    model_info: dict
+    state: Any = None           # FedState, or {site: FedState} in local mode
+    round: int = 0
+    eval_step: Any = None
+
+    @property
+    def local(self) -> bool:
+        return self.cfg["mode"] == "local"
+
+    def init_state(self):
+        if self.local:
+            return {s: self.engine.init(1) for s in self.clients}
+        return self.engine.init(len(self.clients))
+
+    def global_trainable(self, site: str | None = None):
+        if not self.local:
+            return self.state.global_params
+        if site in self.state:
+            return self.state[site].global_params
+        w = np.asarray([len(self.fed.train(s)) for s in self.clients], np.float64)
+        w = w / w.sum()
+        trees = [self.state[s].global_params for s in self.clients]
+        return jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)), *trees)
+
+    def params_for_site(self, site: str | None = None):
+        return self.global_trainable(site), self.engine.frozen, self.engine.rest
+
+    def abstract_tree(self):
+        def abstract(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+        return jax.tree.map(abstract, to_tree(self.state))
+
+
+def build_run(cfg: dict) -> Run:
+    """Data, model (weights per init_from), engine and a fresh initial state."""
+    from fedfms_jax.evaluate import make_eval_step
+    model_init.check_geometry(cfg)
+    fed = load_federation(cfg)
+    train_sites, unseen = resolve_sites(cfg, fed)
+    clients, _ = client_sources(cfg, fed, train_sites)
+    _, model, info = model_init.build_model(cfg)
+    engine = make_engine(cfg, model)
+    info["trainable_params"] = engine.partition.count(True)
+    info["frozen_params"] = engine.partition.count(False)
+    run = Run(cfg, fed, train_sites, unseen, clients, engine, info)
+    run.state = run.init_state()
+    run.eval_step = make_eval_step(engine.graphdef, engine.partition, engine.forward)
+    return run
+
+
+def restore_run(workdir: Path, round_: int | None = None) -> Run:
+    """A Run rebuilt from a work dir's config.json, its state from checkpoint `round_` (latest)."""
+    cfg = wd.load_config(workdir)
+    ckpt_dir = Path(workdir) / wd.CKPT_DIR
+    if not ckpt_dir.is_dir():
+        raise UsageError(f"{workdir} has no checkpoints yet")
+    run = build_run(cfg)
+    ckpt = Checkpointer(ckpt_dir, keep=cfg["checkpoint_keep"])
+    rounds = ckpt.all_rounds()
+    if not rounds:
+        raise UsageError(f"{workdir} has no checkpoints yet")
+    target = rounds[-1] if round_ is None else round_
+    if target not in rounds:
+        raise UsageError(f"{workdir} has no checkpoint of round {target} (have {rounds})")
+    tree, meta = ckpt.restore(target, run.abstract_tree())
+    run.state = from_tree(tree, run.state)
+    run.round = int(meta["round"])
+    ckpt.close()
+    return run
