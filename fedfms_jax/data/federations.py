@@ -52,6 +52,7 @@ class Federation:
     num_classes: int
     image_size: int
     splits: dict[str, dict[str, Source]]  # site -> {"train": source, "val": source}
+    unseen: str | None = None  # the site a demo holds out by default (leave-one-site-out picks any)
 
     def _site(self, site: str | int) -> dict[str, Source]:
         if isinstance(site, int):

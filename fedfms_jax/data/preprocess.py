@@ -170,4 +170,5 @@ def split_cases(case_ids: Sequence[str], val_fraction: float, seed: int, site: s
 
 def sanitize(name: str) -> str:
     """Site name -> TFDS split-name prefix ('ISBI_1.5' -> 'isbi_1_5')."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    out = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    return f"site{out}" if out[:1].isdigit() else out  # split names must not start with a digit

@@ -102,4 +102,5 @@ def load_federation(name: str, *, image_size: int, data_dir=None, manual_dir=Non
     for site in sites:
         splits[site] = {part: DecodedSource(sources[key]) if key in sources else EmptySource()
                         for part in ("train", "val") for key in [f"{sanitize(site)}_{part}"]}
-    return Federation(name, sites, builder.NUM_CLASSES, image_size, splits)
+    return Federation(name, sites, builder.NUM_CLASSES, image_size, splits,
+                      unseen=getattr(importlib.import_module(type(builder).__module__), "UNSEEN", None))

@@ -59,6 +59,7 @@ class FederationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     LAYOUT = ""  # one line: the expected manual_dir layout
     SOURCE = ""  # one line: where to get the data
     OPTIONS: dict = {}  # default builder-specific options
+    NEEDS_MANUAL = True  # False: the builder fetches its own files (nuclei_demo)
 
     @classmethod
     def manual_instructions(cls) -> str:
@@ -100,7 +101,7 @@ class FederationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         return root
 
     def _split_generators(self, dl_manager):
-        root = self._manual_root(dl_manager)
+        root = self._manual_root(dl_manager) if self.NEEDS_MANUAL else None
         cases = self.discover(root)
         cfg = self.builder_config
         splits, sizes = {}, {}
