@@ -67,3 +67,28 @@ class Stopwatch:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self._t0
+
+
+def time_alternating(fns: list[Callable[[], object]], *, warmup: int, repeats: list[int],
+                     interleave: bool = True) -> list[Timing]:
+    """Time several callables; with `interleave` their repetitions alternate (A, B, A, B...)
+    so that each sees the same background load on a shared machine."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+
+    def once(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    samples: list[list[float]] = [[] for _ in fns]
+    if interleave:
+        for r in range(max(repeats)):
+            for i, fn in enumerate(fns):
+                if r < repeats[i]:
+                    samples[i].append(once(fn))
+    else:
+        for i, fn in enumerate(fns):
+            samples[i] = [once(fn) for _ in range(repeats[i])]
+    return [Timing(tuple(s)) for s in samples]

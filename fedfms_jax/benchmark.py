@@ -1,0 +1,88 @@
+"""Throughput benchmark: one federated round in JAX beside the PyTorch original.
+
+    python -m fedfms_jax.benchmark --config configs/benchmark.py[:k=v,...] [--json OUT] [--no-torch]
+
+Modes (config `mode`):
+- round (default): one federated round of `method` (fedmsa/fedsam) for `variant` at
+  `image_size` with `clients` x `batch` images per local step and `steps` local steps;
+  the PyTorch reference trains the same shapes the way the original does (one model per
+  client, clients in turn, eager fp32, Adam, BCEWithLogits(pos_weight=2), averaging one
+  parameter at a time).
+- encoder: the image encoder's forward alone, jitted JAX vs the official PyTorch model.
+
+Prints a summary; `--json` writes every figure (see benchmarking/report.py for the keys).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import platform
+import sys
+
+import jax
+
+from fedfms_jax.benchmarking import report
+
+
+def load_config(spec: str):
+    """'path/to/config.py[:k=v,...]' -> the module's get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_benchmark_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise FileNotFoundError(f"cannot load config file {path!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def _machine() -> dict:
+    device = jax.devices()[0]
+    return {
+        "device": f"{device.platform}:{device.device_kind}",
+        "devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax_version": jax.__version__,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def run(cfg) -> dict:
+    """Run the benchmark described by `cfg` (see configs/benchmark.py); returns the result."""
+    if cfg.mode == "encoder":
+        from fedfms_jax.benchmarking.encoder import run_encoder
+
+        result = run_encoder(cfg)
+    else:
+        from fedfms_jax.benchmarking.federated_round import run_round
+
+        result = run_round(cfg)
+    result.update(_machine())
+    result["config"] = cfg.to_dict()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m fedfms_jax.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/benchmark.py",
+                        help="config file with get_config(arg), optionally ':k=v,k=v'")
+    parser.add_argument("--json", metavar="OUT", help="write all figures to this JSON file")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config)
+    if args.no_torch:
+        cfg.torch = False
+    result = run(cfg)
+    text = report.format_encoder(result) if cfg.mode == "encoder" else report.format_round(result)
+    print(text, flush=True)
+    if args.json:
+        report.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,153 @@
+"""The JAX half of round mode: the federated engine's jitted, donated round, timed.
+
+Figures: compile time of the round, median/spread of round seconds with the next round's
+batches put on the device while the current one runs (no host synchronisation inside a
+round), aggregation seconds (the engine's weighted mean over the stacked client trees,
+jitted alone), evaluation images/s (forward of the global model), XLA's FLOPs of one
+local step of one client (loop-free, so XLA's count is exact), peak memory and the
+bytes a client sends per round.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fedfms_jax.benchmarking import flops as flops_lib
+from fedfms_jax.benchmarking.stats import Stopwatch, time_repeated
+from fedfms_jax.federated import aggregate, comm
+from fedfms_jax.federated import mesh as mesh_lib
+from fedfms_jax.federated.client import make_train_step
+from fedfms_jax.federated.round import FederatedEngine
+
+
+def build_model(cfg, dtype_name: str):
+    """(model, forward) for the config: SAM with MSA adapters for fedmsa, plain SAM for fedsam."""
+    import dataclasses
+
+    from fedfms_jax.model_init import make_forward
+    from fedfms_jax.models import sam
+
+    kw = dict(encoder=cfg.variant, image_size=cfg.image_size, adapters=cfg.method == "fedmsa",
+              prompt_free=cfg.prompt_free, num_classes=cfg.num_classes, dtype=dtype_name)
+    fields = {f.name for f in dataclasses.fields(sam.SamConfig)}
+    if cfg.remat:
+        if "remat" not in fields:
+            raise ValueError("this model has no rematerialisation option (SamConfig.remat)")
+        kw["remat"] = True
+    scfg = sam.SamConfig(**kw)
+    model = sam.build_sam(scfg, rngs=nnx.Rngs(cfg.seed))
+    return model, make_forward(scfg.pixel_norm)
+
+
+def _round_args(engine: FederatedEngine, state, batches, weights):
+    """The arguments engine.run_round passes to its jitted round."""
+    w = mesh_lib.to_global(engine._pad_clients(np.asarray(weights, np.float32), 0), engine._repl)
+    p = mesh_lib.to_global(engine._pad_clients(np.ones(engine.num_clients, bool), 0, False), engine._repl)
+    return (state, engine.frozen, engine.rest, engine.prepare_batches(batches), w, p)
+
+
+def _peak_memory(compiled) -> tuple[int | None, str]:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    try:
+        m = compiled.memory_analysis()
+        total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        return int(total), "XLA memory analysis of the round (arguments + outputs - aliased + temporaries)"
+    except Exception:
+        return None, "unavailable"
+
+
+def step_flops(engine: FederatedEngine, batches, how: str = "xla") -> tuple[float, str, float]:
+    """(FLOPs of one local step of one client, source, matmul FLOPs from the jaxpr)."""
+    step = make_train_step(engine.graphdef, engine.partition, engine.forward, engine.loss, engine.client_tx)
+    tr = engine.initial_trainable
+    args = (tr, engine.client_tx.init(tr), engine.frozen, engine.rest, tr,
+            {k: jnp.asarray(v[0, 0]) for k, v in batches.items()})
+    matmul = flops_lib.jaxpr_flops(step, *args)
+    if how == "xla":
+        xla = flops_lib.xla_flops(step, *args)
+        if xla:
+            return xla, "xla_cost_analysis of one local step", matmul
+    return matmul, "jaxpr matmul+conv count (XLA cost analysis unavailable)", matmul
+
+
+class JaxRound:
+    """Built, compiled and ready: `run()` is one blocking round; `results(timing)` the rest."""
+
+    def __init__(self, cfg, dtype_name: str, batches: dict, weights: np.ndarray):
+        self.cfg, self.dtype_name, self.host_batches, self.weights = cfg, dtype_name, batches, weights
+        model, forward = build_model(cfg, dtype_name)
+        self.engine = engine = FederatedEngine(
+            model, cfg.method, forward=forward,
+            client_optimizer=optax.adam(1e-4, b1=0.9, b2=0.999),
+            server_optimizer="fedavg", loss="bce", pos_weight=2.0)
+        del model
+        self.flops_step, self.flops_source, self.matmul_step = step_flops(engine, batches)
+        state = engine.init(cfg.clients)
+        args = _round_args(engine, state, batches, weights)
+        with Stopwatch() as sw:
+            self.compiled = engine._round_jit.lower(*args).compile()
+        self.compile_s = sw.seconds
+        self.fixed = args[1:3]
+        self.w_p = args[4:]
+        self.state, self.batches, self.metrics = state, args[3], None
+
+    def run(self) -> None:
+        # Dispatch the round, then stage the next round's batches while it runs.
+        new_state, metrics = self.compiled(self.state, *self.fixed, self.batches, *self.w_p)
+        self.batches = self.engine.prepare_batches(self.host_batches)
+        self.state, self.metrics = new_state, metrics
+        jax.block_until_ready(new_state)
+
+    def results(self, timing) -> dict:
+        cfg, engine, state = self.cfg, self.engine, self.state
+        metrics = jax.device_get(self.metrics)
+        peak_bytes, peak_source = _peak_memory(self.compiled)  # after the rounds, before eval
+        if not np.all(np.asarray(metrics["finite"])):
+            raise FloatingPointError("a client's update was not finite during the benchmark")
+        # Aggregation alone: the engine's weighted mean over the stacked client trees.
+        wn = jnp.asarray(np.pad(self.weights, (0, engine.num_padded - cfg.clients)), jnp.float32)
+        mean = jax.jit(aggregate.weighted_mean)
+        agg = time_repeated(lambda: jax.block_until_ready(mean(state.client_params, wn)),
+                            warmup=1, repeats=max(cfg.repeats, 3))
+        imgs_round = cfg.steps * cfg.clients * cfg.batch
+        out = {
+            "dtype": self.dtype_name,
+            "compile_s": self.compile_s,
+            "round": timing.as_dict(),
+            "images_per_s": imgs_round / timing.median,
+            "step_s": timing.median / (cfg.steps * cfg.clients),
+            "aggregate_s": agg.median,
+            "flops_per_image": self.flops_step / cfg.batch,
+            "flops_source": self.flops_source,
+            "matmul_flops_per_image": self.matmul_step / cfg.batch,
+            "peak_memory_bytes": peak_bytes,
+            "peak_memory_source": peak_source,
+            "comm_bytes_per_round": comm.comm_bytes(engine.partition),
+            "comm_bytes_nonzero_grad": comm.comm_bytes(engine.partition, True, metrics["touched"][0]),
+            "trainable_params": engine.partition.count(True),
+            "total_params": engine.partition.count(True) + engine.partition.count(False),
+            "loss": float(np.mean(metrics["loss"])),
+        }
+        if cfg.eval:
+            out.update(_bench_eval(cfg, engine, state, self.host_batches))
+        return out
+
+
+def _bench_eval(cfg, engine: FederatedEngine, state, batches) -> dict:
+    """Forward of the global model on clients x batch images (one evaluation batch)."""
+    params = engine.global_params(state)
+    graphdef, rest, forward = engine.graphdef, engine.rest, engine.forward
+
+    @jax.jit
+    def predict(params, images):
+        return forward(nnx.merge(graphdef, params, rest), images)
+
+    images = jnp.asarray(batches["image"][0].reshape(-1, *batches["image"].shape[3:]))
+    timing = time_repeated(lambda: predict(params, images).block_until_ready(),
+                           warmup=1, repeats=max(cfg.repeats, 3))
+    return {"eval": timing.as_dict(), "eval_images_per_s": images.shape[0] / timing.median}

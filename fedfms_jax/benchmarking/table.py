@@ -1,0 +1,86 @@
+"""Markdown table rows for BENCHMARKS.md from benchmark JSON files.
+
+    python -m fedfms_jax.benchmarking.table results/*.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+ROUND_HEADER = (
+    "| run | JAX img/s | PyTorch img/s | speedup | round s (JAX, spread) | round s (PyTorch, spread) "
+    "| compile s | step s | aggregation s (JAX / PyTorch) | eval img/s (JAX / PyTorch) | peak memory "
+    "| GFLOP/image | achieved TFLOP/s | MFU | comm MB/client/round |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+ENCODER_HEADER = (
+    "| run | JAX img/s | PyTorch img/s | speedup | JAX s (spread) | PyTorch s (spread) | compile s | GFLOP/image |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def _f(v, fmt="{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _timing(t) -> str:
+    return "-" if not t else f"{t['median_s']:.2f} ({100 * t['spread']:.0f}%)"
+
+
+def round_row(r: dict) -> str:
+    c, j, t = r["config"], r["jax"], r.get("torch") or {}
+    name = (f"{c['method']} {c['variant']}@{c['image_size']} {c['clients']}x{c['batch']}x{c['steps']} "
+            f"{j['dtype']}{' remat' if c.get('remat') else ''}")
+    return " | ".join([
+        f"| {name}",
+        _f(j["images_per_s"]),
+        _f(t.get("images_per_s")),
+        _f(r.get("speedup"), "{:.2f}x"),
+        _timing(j["round"]),
+        _timing(t.get("round")),
+        _f(j["compile_s"], "{:.1f}"),
+        _f(j["step_s"], "{:.3f}"),
+        f"{_f(j.get('aggregate_s'), '{:.4f}')} / {_f(t.get('aggregate_s'), '{:.4f}')}",
+        f"{_f(j.get('eval_images_per_s'))} / {_f(t.get('eval_images_per_s'))}",
+        "-" if j["peak_memory_bytes"] is None else f"{j['peak_memory_bytes'] / 2**30:.2f} GiB",
+        _f(j["flops_per_image"] / 1e9, "{:.1f}"),
+        _f(j["achieved_flops"] / 1e12, "{:.3f}"),
+        _f(100 * j["mfu"], "{:.1f}%"),
+        _f(j["comm_bytes_per_round"] / 1e6, "{:.1f}") + " |",
+    ])
+
+
+def encoder_row(r: dict) -> str:
+    c, j, t = r["config"], r["jax"], r.get("torch") or {}
+    return " | ".join([
+        f"| encoder {c['variant']}@{c['image_size']} batch {c['batch']} {j['dtype']}",
+        _f(j["images_per_s"], "{:.3f}"),
+        _f(t.get("images_per_s"), "{:.3f}"),
+        _f(r.get("speedup"), "{:.2f}x"),
+        _timing(j["timing"]),
+        _timing(t.get("timing")),
+        _f(j["compile_s"], "{:.1f}"),
+        _f(j["flops_per_image"] / 1e9, "{:.1f}") + " |",
+    ])
+
+
+def main(paths: list[str]) -> None:
+    results = [json.load(open(p)) for p in paths]
+    rounds = [r for r in results if r.get("mode") == "round"]
+    encoders = [r for r in results if r.get("mode") == "encoder"]
+    if rounds:
+        print(ROUND_HEADER)
+        for r in rounds:
+            print(round_row(r))
+    if encoders:
+        print()
+        print(ENCODER_HEADER)
+        for r in encoders:
+            print(encoder_row(r))
+    for r in results:
+        print(f"\n{r.get('date_utc')} UTC, {r.get('device')}, jax {r.get('jax_version')}: "
+              f"config {r.get('config')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

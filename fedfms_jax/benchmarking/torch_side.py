@@ -1,0 +1,78 @@
+"""The PyTorch half of round mode: the original-style round on the same shapes.
+
+The model is the PyTorch model of the original (official segment_anything parts, MSA
+encoder for FedMSA, prompt-free decoder); the loop is
+fedfms_jax.reference.torch_original_round. Inputs are divided by 255 as the original's
+loader does.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+
+import jax
+import numpy as np
+import torch
+
+from fedfms_jax.benchmarking.stats import time_repeated
+from fedfms_jax.reference.torch_fedfms_decoder import build_torch_fedfms_sam
+from fedfms_jax.reference.torch_original_round import OriginalStyleFederation
+
+
+def torch_device() -> str:
+    return "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+class TorchRound:
+    """Built and ready: `run()` is one blocking round; `results(timing)` the rest."""
+
+    def __init__(self, cfg, batches: dict, weights: np.ndarray):
+        self.cfg = cfg
+        self.threads = cfg.threads or os.cpu_count()
+        torch.set_num_threads(self.threads)
+        torch.manual_seed(cfg.seed)
+        self.device = torch_device()
+        model = build_torch_fedfms_sam(cfg.variant, cfg.image_size, num_classes=cfg.num_classes,
+                                       prompt_free=cfg.prompt_free,
+                                       adapters=cfg.method == "fedmsa").to(self.device)
+        # [steps, clients, B, H, W, 3] uint8 -> [steps, clients, B, 3, H, W] float / 255.
+        img = torch.from_numpy(np.ascontiguousarray(batches["image"].transpose(0, 1, 2, 5, 3, 4)))
+        self.images = (img.to(self.device).float() / 255.0).contiguous()
+        lab = torch.from_numpy(np.ascontiguousarray(batches["mask"].transpose(0, 1, 2, 5, 3, 4)))
+        self.labels = lab.to(self.device).float()
+        self.fed = OriginalStyleFederation(model, method=cfg.method, weights=weights.tolist(),
+                                           persistent=cfg.torch_persistent)
+        if cfg.torch_persistent:
+            self.fed.global_model = None  # each client holds its own copy; drop the extra one
+        del model
+        self.round_timings: list[dict] = []
+
+    def run(self) -> None:
+        self.loss = self.fed.run_round(self.images, self.labels)
+        self.round_timings.append(dict(self.fed.timings))
+
+    def results(self, timing) -> dict:
+        cfg = self.cfg
+        imgs_round = cfg.steps * cfg.clients * cfg.batch
+        timed = self.round_timings[-len(timing.samples):]
+        out = {
+            "threads": self.threads,
+            "device": self.device,
+            "persistent_clients": cfg.torch_persistent,
+            "round": timing.as_dict(),
+            "images_per_s": imgs_round / timing.median,
+            "step_s": timing.median / (cfg.steps * cfg.clients),
+            "local_s": statistics.median(t["local_s"] for t in timed),
+            "aggregate_s": statistics.median(t["aggregate_s"] for t in timed),
+            "trainable_params": self.fed.trainable_elements,
+            "loss": self.loss,
+        }
+        if cfg.eval:
+            eval_images = self.images[0].reshape(-1, *self.images.shape[3:])
+            ev = time_repeated(lambda: self.fed.evaluate(eval_images), warmup=1,
+                               repeats=max(min(cfg.repeats, 3), 1))
+            out["eval"] = ev.as_dict()
+            out["eval_images_per_s"] = eval_images.shape[0] / ev.median
+        if self.device == "cuda":
+            out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+        return out
