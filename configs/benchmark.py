@@ -10,11 +10,26 @@ The default is the CPU target: ViT-B at 256, FedMSA, 4 clients x batch 2, 2 loca
 """
 from __future__ import annotations
 
-import ml_collections
+try:
+    from ml_collections import ConfigDict
+except ImportError:  # e.g. a bare GPU image: the few ConfigDict features used here
+
+    class ConfigDict(dict):
+        def __getattr__(self, key):
+            try:
+                return self[key]
+            except KeyError:
+                raise AttributeError(key) from None
+
+        def __setattr__(self, key, value):
+            self[key] = value
+
+        def to_dict(self) -> dict:
+            return dict(self)
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+def get_config(arg: str | None = None) -> ConfigDict:
+    c = ConfigDict()
     c.mode = "round"          # "round": one federated round; "encoder": image-encoder forward only
     c.variant = "vit_b"       # SAM image encoder (vit_tiny for tests)
     c.image_size = 256
@@ -45,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-def _apply_overrides(c: ml_collections.ConfigDict, arg: str) -> None:
+def _apply_overrides(c: ConfigDict, arg: str) -> None:
     """Apply "k=v,k=v" with each value cast to the type of the default."""
     for item in arg.split(","):
         item = item.strip()
