@@ -29,7 +29,7 @@ def read_sources(path: Path) -> dict[str, str]:
     if not id_col or not src_col:
         raise DataError(f"{path} needs an image id column ({'/'.join(ID_COLUMNS)}) and a source column "
                         f"({'/'.join(SOURCE_COLUMNS)})")
-    return {r[id_col].strip(): re.sub(r"[-_ ]*\d+$", "", r[src_col].strip()) or r[src_col].strip()
+    return {r[id_col].strip(): re.sub(r"[-_ ]+\d+$", "", r[src_col].strip()) or r[src_col].strip()
             for r in rows if r[id_col].strip()}
 
 
