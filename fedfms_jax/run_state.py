@@ -153,6 +153,18 @@ class Run:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
         return jax.tree.map(abstract, to_tree(self.state))
 
+    # Checkpoint layout: {"fed": engine state(s), "rng": key data} + JSON meta.
+    def save(self, ckpt: Checkpointer, round_: int, rng, meta: dict) -> None:
+        ckpt.save(round_, {"fed": to_tree(self.state), "rng": rng}, meta)
+
+    def restore(self, ckpt: Checkpointer, round_: int):
+        """Load checkpoint `round_` into self.state; returns (rng key data, meta)."""
+        rng_like = jax.ShapeDtypeStruct((2,), np.uint32)
+        tree, meta = ckpt.restore(round_, {"fed": self.abstract_tree(), "rng": rng_like})
+        self.state = from_tree(tree["fed"], self.state)
+        self.round = int(meta["round"])
+        return tree["rng"], meta
+
 
 def build_run(cfg: dict) -> Run:
     """Data, model (weights per init_from), engine and a fresh initial state."""
@@ -185,8 +197,6 @@ def restore_run(workdir: Path, round_: int | None = None) -> Run:
     target = rounds[-1] if round_ is None else round_
     if target not in rounds:
         raise UsageError(f"{workdir} has no checkpoint of round {target} (have {rounds})")
-    tree, meta = ckpt.restore(target, run.abstract_tree())
-    run.state = from_tree(tree, run.state)
-    run.round = int(meta["round"])
+    run.restore(ckpt, target)
     ckpt.close()
     return run

@@ -102,9 +102,7 @@ def main(argv: Sequence[str]) -> int:
     start, train_seconds, initial = 1, 0.0, None
     latest = ckpt.latest_round()
     if latest is not None:
-        tree, meta = ckpt.restore(latest, {"fed": run.abstract_tree(), "rng": _abstract(rng)})
-        run.state = run_state.from_tree(tree["fed"], run.state)
-        rng = tree["rng"]
+        rng, meta = run.restore(ckpt, latest)
         loader.restore(meta["loader"])
         start, train_seconds = latest + 1, float(meta["train_seconds"])
         mlog.truncate_after(latest)
@@ -160,8 +158,7 @@ def main(argv: Sequence[str]) -> int:
         if eval_res is not None:
             record["eval"] = eval_res
         mlog.append(record)  # before the checkpoint: a kill in between redoes this round
-        ckpt.save(r, {"fed": run_state.to_tree(run.state), "rng": rng},
-                  {"round": r, "loader": loader.state(), "train_seconds": train_seconds})
+        run.save(ckpt, r, rng, {"round": r, "loader": loader.state(), "train_seconds": train_seconds})
         eta = np.mean(round_times[-5:]) * (cfg["rounds"] - r)
         loss_txt = " ".join(f"{c}={l:.4f}" for c, l in zip(run.clients, losses))
         msg = f"round {r}/{cfg['rounds']} | loss {loss_txt} | {dt:.1f}s | ETA {_fmt_s(eta)}"
@@ -202,10 +199,6 @@ def train_round(run, batches, weights):
         losses.append(float(np.asarray(m["loss"])[0]))
         finite.append(bool(np.asarray(m["finite"])[0]))
     return np.asarray(losses), np.asarray(finite)
-
-
-def _abstract(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 def _block(res: dict | None) -> dict:
