@@ -61,18 +61,24 @@ MSA_MLP_SCALE = 0.5  # x + mlp(xn) + 0.5 * MLP_Adapter(xn), as in the MSA origin
 # Index/weight tables depend only on static sizes: built once in numpy (float64).
 
 
+def _source_index(in_len: int, out_len: int, clamp: bool) -> np.ndarray:
+    """Source coordinate of each output sample, computed in float32 as PyTorch's CPU
+    kernels do (scale = in/out, src = scale * (dst + 0.5) - 0.5), so weights match."""
+    f = np.float32
+    scale = f(in_len) / f(out_len)
+    src = scale * (np.arange(out_len, dtype=f) + f(0.5)) - f(0.5)
+    return np.maximum(src, f(0)) if clamp else src
+
+
 @functools.lru_cache(maxsize=None)
 def _linear_matrix(in_len: int, out_len: int) -> np.ndarray:
     """[out_len, in_len] weights of F.interpolate(mode='linear', align_corners=False)."""
     m = np.zeros((out_len, in_len), np.float64)
-    scale = in_len / out_len
-    for i in range(out_len):
-        src = max(scale * (i + 0.5) - 0.5, 0.0)
-        i0 = int(src)
-        i1 = min(i0 + 1, in_len - 1)
-        lam = src - i0
-        m[i, i0] += 1.0 - lam
-        m[i, i1] += lam
+    for i, src in enumerate(_source_index(in_len, out_len, clamp=True)):
+        i0 = int(np.floor(src))
+        lam = src - np.float32(i0)
+        m[i, i0] += np.float32(1) - lam
+        m[i, min(i0 + 1, in_len - 1)] += lam
     return m
 
 
@@ -80,21 +86,21 @@ def _linear_matrix(in_len: int, out_len: int) -> np.ndarray:
 def _bicubic_matrix(in_len: int, out_len: int) -> np.ndarray:
     """[out_len, in_len] weights of F.interpolate(mode='bicubic', align_corners=False):
     Keys cubic with A=-0.75, source index not clamped, taps clamped to the border."""
-    A = -0.75
+    f = np.float32
+    A = f(-0.75)
 
     def near(t):  # |t| <= 1
-        return ((A + 2) * t - (A + 3)) * t * t + 1
+        return ((A + f(2)) * t - (A + f(3))) * t * t + f(1)
 
     def far(t):  # 1 < |t| < 2
-        return ((A * t - 5 * A) * t + 8 * A) * t - 4 * A
+        return ((A * t - f(5) * A) * t + f(8) * A) * t - f(4) * A
 
     m = np.zeros((out_len, in_len), np.float64)
-    scale = in_len / out_len
-    for i in range(out_len):
-        src = scale * (i + 0.5) - 0.5
+    for i, src in enumerate(_source_index(in_len, out_len, clamp=False)):
         i0 = int(np.floor(src))
-        t = src - i0
-        for off, wgt in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+        t = src - f(i0)
+        taps = (far(t + f(1)), near(t), near(f(1) - t), far(f(2) - t))
+        for off, wgt in zip((-1, 0, 1, 2), taps):
             m[i, min(max(i0 + off, 0), in_len - 1)] += wgt
     return m
 
