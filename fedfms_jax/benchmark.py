@@ -43,6 +43,7 @@ def _machine() -> dict:
         "device": f"{device.platform}:{device.device_kind}",
         "devices": jax.device_count(),
         "cpu_count": os.cpu_count(),
+        "load_average_1_5_15": list(os.getloadavg()),
         "python": platform.python_version(),
         "jax_version": jax.__version__,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
@@ -75,7 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config)
     if args.no_torch:
         cfg.torch = False
+    load_before = list(os.getloadavg())
     result = run(cfg)
+    # Other processes on a shared machine slow both sides; keep the load with the figures.
+    result["load_average_before"] = load_before
     text = report.format_encoder(result) if cfg.mode == "encoder" else report.format_round(result)
     print(text, flush=True)
     if args.json:

@@ -118,6 +118,9 @@ class OriginalStyleFederation:
         t0 = time.perf_counter()
         models, losses = [], []
         for c in range(self.num_clients):
+            if self.weights[c] == 0 and not self.persistent:
+                models.append(self.global_model)  # weight 0: neither copied nor trained
+                continue
             model, optimizer = self._client(c)
             models.append(model)
             if self.weights[c] > 0:
