@@ -55,10 +55,10 @@ def load_state_dict(
             continue
         consumed.add(key)
         value = rules.to_flax(path, _as_numpy(state_dict[key]))
-        if tuple(value.shape) != tuple(var.value.shape):
+        if tuple(value.shape) != tuple(var.get_value().shape):
             mismatched.append(
                 f"{key}: state dict {tuple(_as_numpy(state_dict[key]).shape)} converts to "
-                f"{tuple(value.shape)}, model expects {tuple(var.value.shape)}"
+                f"{tuple(value.shape)}, model expects {tuple(var.get_value().shape)}"
             )
             continue
         updates.append((var, value))
@@ -72,7 +72,7 @@ def load_state_dict(
                 lines.extend(f"    {k}" for k in keys)
         raise ValueError("\n".join(lines))
     for var, value in updates:
-        var.value = jnp.asarray(value, dtype=var.value.dtype)
+        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
     return report
 
 
@@ -85,7 +85,7 @@ def export_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for path, var in _variables(model):
         key = rules.torch_key(path)
-        out[key] = np.asarray(rules.to_torch(path, np.asarray(var.value)))
+        out[key] = np.asarray(rules.to_torch(path, np.asarray(var.get_value())))
         if key.endswith(".running_mean"):
             out[key[: -len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
     return out
