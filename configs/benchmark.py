@@ -30,7 +30,8 @@ except ImportError:  # e.g. a bare GPU image: the few ConfigDict features used h
 
 def get_config(arg: str | None = None) -> ConfigDict:
     c = ConfigDict()
-    c.mode = "round"          # "round": one federated round; "encoder": image-encoder forward only
+    c.mode = "round"          # round: one federated round | encoder: image-encoder forward only
+                              # | profile: one local step part by part (JAX beside PyTorch)
     c.variant = "vit_b"       # SAM image encoder (vit_tiny for tests)
     c.image_size = 256
     c.clients = 4
@@ -55,8 +56,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
         _apply_overrides(c, arg)
     if c.method not in ("fedmsa", "fedsam"):
         raise ValueError(f"method must be fedmsa or fedsam, got {c.method!r}")
-    if c.mode not in ("round", "encoder"):
-        raise ValueError(f"mode must be round or encoder, got {c.mode!r}")
+    if c.mode not in ("round", "encoder", "profile"):
+        raise ValueError(f"mode must be round, encoder or profile, got {c.mode!r}")
     return c
 
 

@@ -9,6 +9,8 @@ Modes (config `mode`):
   client, clients in turn, eager fp32, Adam, BCEWithLogits(pos_weight=2), averaging one
   parameter at a time).
 - encoder: the image encoder's forward alone, jitted JAX vs the official PyTorch model.
+- profile: one local step of one client, part by part (encoder forward, model forward,
+  forward + backward, optimizer step, model copy), JAX beside PyTorch.
 
 Prints a summary; `--json` writes every figure (see benchmarking/report.py for the keys).
 """
@@ -56,6 +58,10 @@ def run(cfg) -> dict:
         from fedfms_jax.benchmarking.encoder import run_encoder
 
         result = run_encoder(cfg)
+    elif cfg.mode == "profile":
+        from fedfms_jax.benchmarking.breakdown import run_profile
+
+        result = run_profile(cfg)
     else:
         from fedfms_jax.benchmarking.federated_round import run_round
 
@@ -80,7 +86,15 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(cfg)
     # Other processes on a shared machine slow both sides; keep the load with the figures.
     result["load_average_before"] = load_before
-    text = report.format_encoder(result) if cfg.mode == "encoder" else report.format_round(result)
+    if cfg.mode == "profile":
+        from fedfms_jax.benchmarking.breakdown import format_profile
+
+        text = format_profile(result)
+    else:
+        text = report.format_encoder(result) if cfg.mode == "encoder" else report.format_round(result)
+    after = result["load_average_1_5_15"]
+    text += (f"\n  machine load (1-min average) before {load_before[0]:.1f}, after {after[0]:.1f} "
+             f"on {result['cpu_count']} cores")
     print(text, flush=True)
     if args.json:
         report.write_json(result, args.json)

@@ -24,7 +24,7 @@ from fedfms_jax.federated.round import FederatedEngine
 
 
 def build_model(cfg, dtype_name: str):
-    """(model, forward) for the config: SAM with MSA adapters for fedmsa, plain SAM for fedsam."""
+    """(model, forward, SamConfig) for the config: SAM with MSA adapters for fedmsa, plain SAM for fedsam."""
     import dataclasses
 
     from fedfms_jax.model_init import make_forward
@@ -39,7 +39,7 @@ def build_model(cfg, dtype_name: str):
         kw["remat"] = True
     scfg = sam.SamConfig(**kw)
     model = sam.build_sam(scfg, rngs=nnx.Rngs(cfg.seed))
-    return model, make_forward(scfg.pixel_norm)
+    return model, make_forward(scfg.pixel_norm), scfg
 
 
 def _round_args(engine: FederatedEngine, state, batches, weights):
@@ -80,7 +80,7 @@ class JaxRound:
 
     def __init__(self, cfg, dtype_name: str, batches: dict, weights: np.ndarray):
         self.cfg, self.dtype_name, self.host_batches, self.weights = cfg, dtype_name, batches, weights
-        model, forward = build_model(cfg, dtype_name)
+        model, forward, _ = build_model(cfg, dtype_name)
         self.engine = engine = FederatedEngine(
             model, cfg.method, forward=forward,
             client_optimizer=optax.adam(1e-4, b1=0.9, b2=0.999),
