@@ -53,7 +53,7 @@ def build_model(cfg: dict, *, seed: int | None = None):
     check_geometry(cfg)
     init = cfg["init_from"]
     if init not in ("random", "lite_medsam"):
-        _check_weights_dir(Path(init))
+        check_weights_dir(Path(init))
     scfg = sam_config(cfg)
     try:
         model = build_sam(scfg, rngs=nnx.Rngs(cfg["seed"] if seed is None else seed))
@@ -70,7 +70,7 @@ def build_model(cfg: dict, *, seed: int | None = None):
     return scfg, model, info
 
 
-def _check_weights_dir(path: Path) -> None:
+def check_weights_dir(path: Path) -> None:
     if not path.is_dir():
         raise UsageError(f"init_from: weights directory {path} does not exist")
     if not (path / "model.json").is_file():
@@ -81,7 +81,7 @@ def load_weights_dir(model, path: Path) -> dict:
     """Copy a weights_convert directory's weights into `model` (same variant required)."""
     from fedfms_jax.models.torch_state import export_state_dict
     from weights_convert.store import load_model
-    _check_weights_dir(path)
+    check_weights_dir(path)
     try:
         _, src = load_model(path)
     except Exception as exc:  # unreadable or inconsistent files

@@ -61,6 +61,10 @@ def validate(cfg: dict) -> None:
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
+    from fedfms_jax import model_init
+    model_init.check_geometry(cfg)
+    if cfg["init_from"] not in ("random", "lite_medsam"):
+        model_init.check_weights_dir(Path(cfg["init_from"]))
 
 
 # ============================================================================ progress output

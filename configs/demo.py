@@ -1,0 +1,45 @@
+"""The out-of-the-box demo: real nuclei images, real LiteMedSAM weights, on a CPU.
+
+Four simulated hospitals (two halves of the stardist widefield image, two depth ranges
+of the napari confocal stack) train together; a fifth (the deepest, dimmest confocal
+slices) is never trained on and is the unseen site. The model is LiteMedSAM (TinyViT
+image encoder at 256 px, real weights) in the original's prompt-free mode, trained
+FedMSA-style: image encoder frozen (adapters, where the encoder has them, start at zero
+so the pretrained function is unchanged), prompt encoder and mask decoder trained and
+averaged with FedAvg. Pixel values are scaled to [0, 1] as LiteMedSAM expects.
+
+    python -m fedfms_jax.train            # writes runs/demo
+"""
+from configs.common import base_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.name = "demo"
+    c.federation = "nuclei_demo"
+    c.image_size = 256
+    c.num_classes = 1
+    c.unseen = -1                       # napari_deep
+    c.method = "fedmsa"
+    c.mode = "federated"
+    c.model.encoder = "tiny_vit"
+    c.model.tiny_vit = "lite_medsam"
+    c.model.adapters = True
+    c.model.adapter_zero_init = True
+    c.model.prompt_free = True
+    c.model.pixel_norm = "unit"
+    c.init_from = "lite_medsam"
+    c.rounds = 12
+    c.local_epochs = 1
+    c.batch_size = 4
+    c.lr = 5e-4
+    c.eval_every = 4
+    c.eval_batch_size = 8
+    c.num_overlays = 3
+    c.checkpoint_keep = 2
+    if arg:
+        from configs.common import apply_tiny
+        from fedfms_jax.config_cli import parse_config_args
+        if parse_config_args(arg, {"tiny": False})["tiny"]:
+            apply_tiny(c)
+    return c

@@ -1,0 +1,72 @@
+"""A run killed (SIGKILL) after round k and resumed ends exactly like an uninterrupted run."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from fedfms_jax import run_state, workdir as wd
+from fedfms_jax.checkpoint import Checkpointer
+from tests.train.conftest import TINY, run_module
+
+pytestmark = pytest.mark.slow
+ARGS = [*TINY, "--config.rounds=3"]
+
+
+def _final_state(workdir):
+    run = run_state.restore_run(workdir)
+    assert run.round == 3
+    return jax.tree.map(np.asarray, run_state.to_tree(run.state))
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    from fedfms_jax import train
+    killed = tmp_path / "killed"
+    proc = run_module("fedfms_jax.train", [*ARGS, "--workdir", str(killed)],
+                      env_extra={train.KILL_AFTER_ENV: "1"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert Checkpointer(killed / wd.CKPT_DIR).latest_round() == 1
+    assert not (killed / wd.RESULTS_FILE).exists()
+
+    proc = run_module("fedfms_jax.train", [*ARGS, "--workdir", str(killed)])  # the same command again
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "continuing after round 1" in proc.stdout
+
+    straight = tmp_path / "straight"
+    assert train.main([*ARGS, "--workdir", str(straight)]) == 0
+
+    a, b = _final_state(killed), _final_state(straight)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    ra = json.loads((killed / wd.RESULTS_FILE).read_text())
+    rb = json.loads((straight / wd.RESULTS_FILE).read_text())
+    assert ra["final"] == rb["final"] and ra["initial"] == rb["initial"]
+    rounds = [json.loads(l)["round"] for l in (killed / wd.METRICS_FILE).read_text().splitlines()]
+    assert rounds == [0, 1, 2, 3]
+
+
+def test_nan_loss_stops_naming_round_and_client(tmp_path, monkeypatch, capsys):
+    """Updates turn NaN from the third local step (round 2): the run stops there."""
+    import optax
+    from fedfms_jax import train
+    from fedfms_jax.cli_errors import run_cli
+
+    real = run_state.client_optimizer
+
+    def poisoned(cfg):
+        def scale(count):
+            return jax.numpy.where(count >= 2, jax.numpy.nan, 1.0)
+        return optax.chain(real(cfg), optax.scale_by_schedule(scale))
+
+    monkeypatch.setattr(run_state, "client_optimizer", poisoned)
+    workdir = tmp_path / "nan"
+    code = run_cli(train.main, [*ARGS, "--workdir", str(workdir)], "train")
+    err = capsys.readouterr().err.strip()
+    assert code == 3, err
+    assert len(err.splitlines()) == 1 and "round 2" in err and "client site1" in err, err
+    assert Checkpointer(workdir / wd.CKPT_DIR).all_rounds() == [1]
+    assert not (workdir / wd.RESULTS_FILE).exists()
+    restored = run_state.restore_run(workdir)
+    assert restored.round == 1
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state.global_params))
