@@ -53,7 +53,7 @@ from segment_anything.modeling import (  # noqa: E402
     TwoWayTransformer,
 )
 
-# segment_anything's build_sam settings per encoder size.
+# segment_anything's build_sam settings per encoder size (kwargs of build_torch_vit).
 TORCH_VIT_SETTINGS = {
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
     "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
@@ -161,32 +161,43 @@ class TorchFedFMSSam(nn.Module):
 
 def build_torch_fedfms_sam(variant: str = "vit_b", img_size: int = 1024, num_classes: int = 1,
                            prompt_free: bool = True, adapters: bool = False,
-                           encoder: Optional[nn.Module] = None) -> TorchFedFMSSam:
+                           encoder: Optional[nn.Module] = None, *, embed_dim: Optional[int] = None,
+                           pad_before_norm1: bool = True) -> TorchFedFMSSam:
     """Official segment_anything parts (randomly initialised) assembled as FedFMS uses them.
 
-    variant: vit_b | vit_l | vit_h (segment_anything settings); with adapters=True the MSA
-    encoder from fedfms_jax.reference.torch_msa_encoder. `encoder` overrides both (any
-    module mapping [B,3,H,W] to [B,256,H/16,W/16], e.g. a small test encoder).
+    variant: a key of fedfms_jax.models.image_encoder.VIT_CONFIGS (vit_b/l/h with
+    segment_anything's settings, vit_tiny for tests). adapters=True uses the MSA encoder
+    of fedfms_jax.reference.torch_msa_encoder (with the originals' `pad_before_norm1`).
+    `encoder` overrides both: any module mapping [B,3,H,W] to [B,C,H/16,W/16] (then
+    `embed_dim` = C, default 256). Prompt encoder and decoder widths follow C as in
+    segment_anything (mlp 8C, IoU head C; 256 -> 2048, 256).
     """
-    patch = 16
-    if img_size % patch:
-        raise ValueError(f"img_size {img_size} must be a multiple of the patch size {patch}")
+    from fedfms_jax.models.image_encoder import VIT_CONFIGS
+
+    if variant not in VIT_CONFIGS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VIT_CONFIGS)}")
+    vcfg = VIT_CONFIGS[variant]
+    if img_size % vcfg.patch_size:
+        raise ValueError(f"img_size {img_size} must be a multiple of the patch size {vcfg.patch_size}")
     if encoder is None:
+        embed_dim = vcfg.out_chans
         if adapters:
             from fedfms_jax.reference.torch_msa_encoder import build_torch_msa_encoder
 
-            encoder = build_torch_msa_encoder(variant, img_size)
+            encoder = build_torch_msa_encoder(variant, img_size, pad_before_norm1=pad_before_norm1)
         else:
-            if variant not in TORCH_VIT_SETTINGS:
-                raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(TORCH_VIT_SETTINGS)}")
-            encoder = build_torch_vit(img_size=img_size, **TORCH_VIT_SETTINGS[variant])
-    grid = img_size // patch
-    prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
+            encoder = build_torch_vit(img_size=img_size, embed_dim=vcfg.embed_dim, depth=vcfg.depth,
+                                      num_heads=vcfg.num_heads, global_attn_indexes=vcfg.global_attn_indexes,
+                                      window_size=vcfg.window_size, patch_size=vcfg.patch_size,
+                                      out_chans=vcfg.out_chans, mlp_ratio=vcfg.mlp_ratio)
+    c = embed_dim or 256
+    grid = img_size // vcfg.patch_size
+    prompt_encoder = PromptEncoder(embed_dim=c, image_embedding_size=(grid, grid),
                                    input_image_size=(img_size, img_size), mask_in_chans=16)
     decoder_kwargs = dict(
         num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-        transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=c, mlp_dim=8 * c, num_heads=8),
+        transformer_dim=c, iou_head_depth=3, iou_head_hidden_dim=c,
     )
     if prompt_free or num_classes > 1:
         mask_decoder = FedFMSMaskDecoder(prompt_free=prompt_free, num_classes=num_classes, **decoder_kwargs)
@@ -196,13 +207,14 @@ def build_torch_fedfms_sam(variant: str = "vit_b", img_size: int = 1024, num_cla
 
 
 def build_torch_vit(*, img_size: int, embed_dim: int, depth: int, num_heads: int,
-                    global_attn_indexes, window_size: int = 14, patch_size: int = 16) -> ImageEncoderViT:
+                    global_attn_indexes, window_size: int = 14, patch_size: int = 16,
+                    out_chans: int = 256, mlp_ratio: float = 4.0) -> ImageEncoderViT:
     """segment_anything's ImageEncoderViT exactly as its build_sam configures it."""
     return ImageEncoderViT(
-        depth=depth, embed_dim=embed_dim, img_size=img_size, mlp_ratio=4,
+        depth=depth, embed_dim=embed_dim, img_size=img_size, mlp_ratio=mlp_ratio,
         norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=num_heads, patch_size=patch_size,
         qkv_bias=True, use_rel_pos=True, global_attn_indexes=tuple(global_attn_indexes),
-        window_size=window_size, out_chans=256,
+        window_size=window_size, out_chans=out_chans,
     )
 
 
