@@ -19,11 +19,14 @@ from weights_convert import rules
 from weights_convert.detect import Detected, detect, is_adapter_key
 from weights_convert.pth import load_checkpoint
 from weights_convert.store import (
-    abstract_model, mismatch_message, model_variables, path_name, read_meta, read_params, write_dir,
+    cheap_tracer_errors, abstract_model, mismatch_message, model_variables, path_name, read_meta, read_params, write_dir,
 )
 from weights_convert.tensorfile import CheckpointError, PendingTensor, as_numpy
 
 PIXEL_NORMS = ("sam", "unit")
+# Model constants that PyTorch registers as non-persistent buffers: never in a state dict,
+# so taken from the model on import and left out on export.
+NON_PERSISTENT = ("pixel_mean", "pixel_std")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +88,10 @@ def plan(state_dict: Mapping[str, Any], config, *, resizing: bool, adding_adapte
     missing, misshaped, fresh, pending, used = [], [], [], [], set()
     for path, var in variables:
         key = rules.torch_key(path)
-        flax_shape, dtype = tuple(var.value.shape), np.dtype(var.value.dtype)
+        flax_shape, dtype = tuple(var.get_value().shape), np.dtype(var.get_value().dtype)
         want = _torch_shape(path, flax_shape)
         if key not in state_dict:
-            if adding_adapters and is_adapter_key(key):
+            if (adding_adapters and is_adapter_key(key)) or key in NON_PERSISTENT:
                 fresh.append((path, flax_shape, dtype))
             else:
                 missing.append(key)
@@ -120,13 +123,22 @@ def plan(state_dict: Mapping[str, Any], config, *, resizing: bool, adding_adapte
 
 
 def _fresh_tensors(config, fresh, seed: int) -> list[PendingTensor]:
-    """Initial values of the added adapters, from a model built for real (once)."""
+    """Initial values of added adapters and model constants: the model's own initialisers,
+    traced once and compiled for just these variables (XLA drops every other one)."""
+    import jax
     from flax import nnx
 
     from fedfms_jax.models.sam import build_sam
 
-    model = build_sam(config, rngs=nnx.Rngs(seed))
-    values = {path_name(p): v.value for p, v in model_variables(model)}
+    wanted = [path_name(p) for p, _, _ in fresh]
+
+    def init():
+        model = build_sam(config, rngs=nnx.Rngs(seed))
+        values = {path_name(p): v.get_value() for p, v in model_variables(model)}
+        return {name: values[name] for name in wanted}
+
+    with cheap_tracer_errors():
+        values = jax.jit(init)()
     return [PendingTensor(path_name(p), shape, dtype, lambda v=values[path_name(p)], d=dtype: np.asarray(v, d))
             for p, shape, dtype in fresh]
 
@@ -160,6 +172,8 @@ def exported_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     for name, lazy in tensors.items():
         path = tuple(name.split("/"))
         key = rules.torch_key(path)
+        if key in NON_PERSISTENT:
+            continue
         out[key] = np.asarray(rules.to_torch(path, lazy.numpy()))
         if key.endswith(".running_var"):  # torch keeps a batch counter after each BatchNorm
             counter = key[: -len("running_var")] + "num_batches_tracked"

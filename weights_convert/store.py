@@ -9,6 +9,7 @@ write leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -51,9 +52,7 @@ def config_to_json(cfg) -> dict:
 
 
 def config_from_json(data: Mapping[str, Any]):
-    """SamConfig from its `config_to_json` form (nested TinyViTConfig and dtype restored)."""
-    import jax.numpy as jnp
-
+    """SamConfig from its `config_to_json` form (nested TinyViTConfig restored)."""
     from fedfms_jax.models.sam import SamConfig
     from fedfms_jax.models.tiny_vit import TinyViTConfig
 
@@ -64,8 +63,6 @@ def config_from_json(data: Mapping[str, Any]):
     kw = {k: _tuples(v) for k, v in data.items()}
     if isinstance(kw.get("tiny_vit"), Mapping):
         kw["tiny_vit"] = TinyViTConfig(**{k: _tuples(v) for k, v in kw["tiny_vit"].items()})
-    if isinstance(kw.get("dtype"), str):
-        kw["dtype"] = jnp.dtype(kw["dtype"])
     return SamConfig(**kw)
 
 
@@ -138,7 +135,7 @@ def save_weights(directory: str | os.PathLike, model, config, *, meta: Mapping[s
     """Write a built model (e.g. after federated training) and its SamConfig to `directory`."""
     tensors = []
     for path, var in model_variables(model):
-        value = var.value
+        value = var.get_value()
         tensors.append(PendingTensor(path_name(path), tuple(value.shape), np.dtype(value.dtype),
                                      lambda value=value: np.asarray(value)))
     return write_dir(directory, config, tensors, meta=meta, force=force)
@@ -179,13 +176,35 @@ def mismatch_message(title: str, missing, unexpected, misshaped) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def cheap_tracer_errors():
+    """Flax probes each traced initialiser's `.sharding`; jax answers with an AttributeError
+    whose message walks the whole trace, which makes tracing a ViT-B's init quadratic
+    (about 18 s instead of 2 s here). The message is discarded, so skip building it."""
+    try:
+        from jax._src.interpreters import partial_eval as pe
+    except ImportError:  # internals moved: trace at the normal speed
+        yield
+        return
+    original = getattr(pe.DynamicJaxprTracer, "_origin_msg", None)
+    if original is None:
+        yield
+        return
+    pe.DynamicJaxprTracer._origin_msg = lambda self: ""
+    try:
+        yield
+    finally:
+        pe.DynamicJaxprTracer._origin_msg = original
+
+
 def abstract_model(config):
     """The model's structure with shapes only: nothing allocated, nothing initialised."""
     from flax import nnx
 
     from fedfms_jax.models.sam import build_sam
 
-    return nnx.eval_shape(lambda: build_sam(config, rngs=nnx.Rngs(0)))
+    with cheap_tracer_errors():
+        return nnx.eval_shape(lambda: build_sam(config, rngs=nnx.Rngs(0)))
 
 
 def load_model(directory: str | os.PathLike):
@@ -203,8 +222,8 @@ def load_model(directory: str | os.PathLike):
         t = tensors.get(name)
         if t is None:
             missing.append(name)
-        elif tuple(t.shape) != tuple(var.value.shape):
-            misshaped.append(f"{name}: stored {tuple(t.shape)}, model expects {tuple(var.value.shape)}")
+        elif tuple(t.shape) != tuple(var.get_value().shape):
+            misshaped.append(f"{name}: stored {tuple(t.shape)}, model expects {tuple(var.get_value().shape)}")
         used.add(name)
     unexpected = sorted(set(tensors) - used)
     if missing or unexpected or misshaped:
@@ -212,5 +231,5 @@ def load_model(directory: str | os.PathLike):
             f"{directory}: stored parameters do not match the model its {MODEL_JSON} describes:",
             missing, unexpected, misshaped))
     for path, var in variables:
-        var.value = jnp.asarray(np.asarray(tensors[path_name(path)]), dtype=var.value.dtype)
+        var.set_value(jnp.asarray(np.asarray(tensors[path_name(path)]), dtype=var.get_value().dtype))
     return config, model
