@@ -1,0 +1,268 @@
+"""The federated engine: one jitted, donated call per round over a client-sharded mesh.
+
+State layout (DiLoCo-like): the global trainable tree and the server optimizer state once;
+per-client trainable parameters and optimizer state stacked on a leading clients axis
+sharded over the 'clients' mesh axis; the frozen parameters and non-parameter variables
+(buffers) held once, replicated, and broadcast into the vmapped local update
+(in_axes=None), never copied per client and never given optimizer state.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from fedfms_jax import losses
+from fedfms_jax.federated import aggregate, mesh as mesh_lib
+from fedfms_jax.federated.client import make_local_update
+from fedfms_jax.federated.mesh import CLIENTS
+from fedfms_jax.federated.partition import Partition, make_partition
+from fedfms_jax.federated.server_optim import ServerOptimizer, server_optimizer as make_server_opt
+
+BATCH_KEYS = ("image", "mask", "valid")
+
+
+def sam_forward(model, images_uint8):
+    """Default forward for fedfms_jax.models.sam.Sam: normalise as the model's config says,
+    no prompts (prompt-free models ignore them anyway), single-mask low-res logits."""
+    from fedfms_jax.models.sam import preprocess
+
+    logits, _ = model(preprocess(images_uint8, model.cfg.pixel_norm))
+    return logits
+
+
+class FedState(NamedTuple):
+    global_params: Any  # trainable subtree (nested dict), replicated
+    client_params: Any  # [C, ...] each client's locally trained params of the last round
+    client_opt_state: Any  # [C, ...] optax state of the trainable subtree; () if not kept
+    server_opt_state: Any
+    round: jax.Array  # int32 scalar, rounds completed
+
+
+def _per_client_select(ok, a, b):
+    def leaf(x, y):
+        return jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)
+
+    return jax.tree.map(leaf, a, b)
+
+
+class FederatedEngine:
+    """Vectorised federated training of the trainable subtree of an nnx model.
+
+    model: nnx.Module (concrete, or abstract from nnx.eval_shape for lowering only).
+    partition: a Partition, a preset name or a rules list (see partition.make_partition).
+    forward(model, images_uint8 [B,H,W,3]) -> logits [B,h,w,K].
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        partition: Partition | str | list,
+        *,
+        forward: Callable = sam_forward,
+        client_optimizer: optax.GradientTransformation | None = None,
+        server_optimizer: ServerOptimizer | str = "fedavg",
+        loss: str | Callable = "bce",
+        pos_weight: float = 2.0,
+        prox_mu: float = 0.0,
+        mesh: jax.sharding.Mesh | None = None,
+        keep_client_opt_state: bool = True,
+    ):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        if not isinstance(partition, Partition):
+            partition = make_partition(params, partition)
+        self.graphdef = graphdef
+        self.partition = partition
+        self.forward = forward
+        self.client_tx = client_optimizer if client_optimizer is not None else optax.adam(1e-4)
+        self.server = make_server_opt(server_optimizer) if isinstance(server_optimizer, str) else server_optimizer
+        self.loss = losses.get_loss(loss, pos_weight=pos_weight) if isinstance(loss, str) else loss
+        self.prox_mu = float(prox_mu)
+        self.keep_client_opt_state = keep_client_opt_state
+        self.mesh = mesh if mesh is not None else mesh_lib.client_mesh()
+        self._repl = mesh_lib.replicated(self.mesh)
+        self._by_client = mesh_lib.client_sharded(self.mesh, 0)
+        self._batch_sh = mesh_lib.client_sharded(self.mesh, 1)
+
+        trainable, frozen = partition.split(params)
+        self.frozen = mesh_lib.tree_to_global(frozen, self._repl)
+        self.rest = jax.tree.map(self._place_rest, rest)
+        self.initial_trainable = mesh_lib.tree_to_global(trainable, self._repl)
+        self.local_update = make_local_update(
+            graphdef, partition, forward, self.loss, self.client_tx, self.prox_mu
+        )
+        self.num_clients: int | None = None
+        self.num_padded: int | None = None
+        self._round_jit = None
+
+    def _place_rest(self, x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._repl)
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.device_put(x, self._repl)
+        return mesh_lib.to_global(x, self._repl)
+
+    # ----- shardings --------------------------------------------------------------------
+    @property
+    def state_sharding(self) -> FedState:
+        r, c = self._repl, self._by_client
+        return FedState(r, c, c, r, r)
+
+    def _broadcast(self, tree):
+        n = self.num_padded
+        out = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree)
+        return jax.lax.with_sharding_constraint(out, self._by_client)
+
+    # ----- init -------------------------------------------------------------------------
+    def _init_fn(self, g):
+        start = self._broadcast(g)
+        os = jax.vmap(self.client_tx.init)(start) if self.keep_client_opt_state else ()
+        return FedState(g, start, os, self.server.tx.init(g), jnp.zeros((), jnp.int32))
+
+    def init(self, num_clients: int) -> FedState:
+        """Global = the model's trainable params; every client starts from it. Clients
+        are padded up to a multiple of the mesh size (padded ones never take part)."""
+        self.num_clients = int(num_clients)
+        self.num_padded = mesh_lib.padded_num_clients(self.num_clients, self.mesh)
+        self._round_jit = jax.jit(
+            self._round_fn,
+            in_shardings=(self.state_sharding, self._repl, self._repl, self._batch_sh, self._repl, self._repl),
+            out_shardings=(self.state_sharding, self._repl),
+            donate_argnums=(0,),
+        )
+        init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.initial_trainable)):
+            return jax.eval_shape(init, self.initial_trainable)
+        return init(self.initial_trainable)
+
+    # ----- one round ----------------------------------------------------------------------
+    def _round_fn(self, state: FedState, frozen, rest, batches, weights, participating):
+        g = state.global_params
+        start = self._broadcast(g)
+        if self.keep_client_opt_state:
+            os0 = state.client_opt_state
+        else:
+            os0 = jax.vmap(self.client_tx.init)(start)
+        new_tr, new_os, stats = self._sharded_local_update(start, os0, frozen, rest, g, batches)
+
+        finite = aggregate.client_finite(new_tr, stats["loss"])
+        active = participating & (weights > 0)
+        ok = active & finite
+        wn, total = aggregate.effective_weights(weights, participating, finite)
+        mean = aggregate.weighted_mean(new_tr, wn)
+        any_ok = total > 0
+        if self.server.plain_average:
+            cand, ss = mean, state.server_opt_state
+        else:
+            delta = jax.tree.map(lambda a, b: a - b, g, mean)
+            upd, ss = self.server.tx.update(delta, state.server_opt_state, g)
+            cand = optax.apply_updates(g, upd)
+        new_g = jax.tree.map(lambda a, b: jnp.where(any_ok, a, b), cand, g)
+        new_ss = jax.tree.map(lambda a, b: jnp.where(any_ok, a, b), ss, state.server_opt_state)
+        # A client that did not count this round keeps its pre-round optimizer state.
+        client_os = _per_client_select(ok, new_os, os0) if self.keep_client_opt_state else ()
+        client_params = _per_client_select(ok, new_tr, start)
+
+        n = self.num_clients
+        touched = jnp.stack([t for t in self.partition.flatten_trainable(stats["touched"])], axis=1)
+        changed = jnp.stack(
+            [jnp.any(a != b) for a, b in zip(self.partition.flatten_trainable(new_g),
+                                              self.partition.flatten_trainable(g))]
+        )
+        metrics = {
+            "loss": jnp.where(active, stats["loss"], 0.0)[:n],
+            "finite": (finite | ~active)[:n],
+            "active": active[:n],
+            "counted": ok[:n],
+            "steps": jnp.where(active, stats["steps"], 0)[:n],
+            "weight": wn[:n],
+            "touched": (touched & active[:, None])[:n],
+            "changed": changed,
+            "round": state.round + 1,
+        }
+        new_state = FedState(new_g, client_params, client_os, new_ss, state.round + 1)
+        return new_state, metrics
+
+    def _sharded_local_update(self, start, os0, frozen, rest, anchor, batches):
+        # shard_map: each device vmaps over its own clients with the frozen tree broadcast.
+        # (Letting the SPMD partitioner split a vmapped conv over clients miscompiles the
+        # grouped convolution it turns into.)
+        c = P(CLIENTS)
+        fn = jax.shard_map(
+            jax.vmap(self.local_update, in_axes=(0, 0, None, None, None, 1)),
+            mesh=self.mesh,
+            in_specs=(c, c, P(), P(), P(), P(None, CLIENTS)),
+            out_specs=(c, c, c),
+            check_vma=False,
+        )
+        return fn(start, os0, frozen, rest, anchor, batches)
+
+    def _pad_clients(self, x, axis, fill=0):
+        extra = self.num_padded - x.shape[axis]
+        if extra == 0:
+            return x
+        if extra < 0:
+            raise ValueError(f"got {x.shape[axis]} clients, engine was initialised for {self.num_clients}")
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, extra)
+        return np.pad(np.asarray(x), pad, constant_values=fill)
+
+    def prepare_batches(self, batches):
+        """Host dict image/mask/valid [steps, clients, B, ...] -> client-sharded global
+        arrays, clients padded (padding rows invalid). Global arrays pass through."""
+        out = {}
+        for k in BATCH_KEYS:
+            x = batches[k]
+            if isinstance(x, jax.Array) and x.shape[1] == self.num_padded:
+                out[k] = x
+                continue
+            out[k] = mesh_lib.to_global(self._pad_clients(np.asarray(x), 1), self._batch_sh)
+        return out
+
+    def run_round(self, state: FedState, batches, weights, participating_mask=None):
+        """One round: local updates on every client (vmapped, sharded), then aggregation.
+
+        batches: {"image": uint8 [T,C,B,H,W,3], "mask": [T,C,B,h,w,K], "valid": bool [T,C,B]}
+        weights: [C] aggregation weights (e.g. aggregate.client_weights; unseen = 0).
+        participating_mask: [C] bool (default all). `state` is donated.
+        Returns (state, metrics); metrics: loss, finite, active, counted, steps, weight [C];
+        touched [C, L] (trainable_paths order); changed [L]; round.
+        """
+        if self._round_jit is None:
+            raise RuntimeError("call init(num_clients) first")
+        w = np.asarray(weights, np.float32)
+        p = np.ones(self.num_clients, bool) if participating_mask is None else np.asarray(participating_mask, bool)
+        w = mesh_lib.to_global(self._pad_clients(w, 0), self._repl)
+        p = mesh_lib.to_global(self._pad_clients(p, 0, False), self._repl)
+        return self._round_jit(state, self.frozen, self.rest, self.prepare_batches(batches), w, p)
+
+    # ----- lowering (memory analysis without real arrays) ------------------------------------
+    def lower_round(self, num_clients: int, steps: int, batch_size: int, image_hw, mask_hwc,
+                    image_dtype=jnp.uint8, mask_dtype=jnp.uint8):
+        abstract = self.init(num_clients)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+        c = self.num_padded
+        sds = jax.ShapeDtypeStruct
+        batches = {
+            "image": sds((steps, c, batch_size, *image_hw, 3), image_dtype),
+            "mask": sds((steps, c, batch_size, *mask_hwc), mask_dtype),
+            "valid": sds((steps, c, batch_size), jnp.bool_),
+        }
+        strip = lambda t: jax.tree.map(lambda x: sds(x.shape, x.dtype), t)  # noqa: E731
+        return self._round_jit.lower(
+            abstract, strip(self.frozen), strip(self.rest), batches,
+            sds((c,), jnp.float32), sds((c,), jnp.bool_),
+        )
+
+    # ----- evaluation helpers -------------------------------------------------------------
+    def global_params(self, state: FedState):
+        """Full nnx.State of Params of the global model (trainable from state + frozen)."""
+        return self.partition.merge(state.global_params, self.frozen)
+
+    def global_model(self, state: FedState) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.global_params(state), self.rest)

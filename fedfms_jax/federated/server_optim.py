@@ -1,0 +1,48 @@
+"""Server optimizers applied to the pseudo-gradient  delta = global - weighted_mean(clients).
+
+FedAvg is SGD with lr 1 (new global = the weighted mean; computed as exactly the mean,
+not global - (global - mean), to avoid a rounding step). FedAvgM adds server momentum,
+FedAdam is Adam on the pseudo-gradient (Reddi et al., "Adaptive Federated Optimization").
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptimizer:
+    name: str
+    tx: optax.GradientTransformation
+    # True when the step is exactly "new global = weighted mean" (FedAvg).
+    plain_average: bool = False
+
+
+def server_optimizer(name: str = "fedavg", **kw) -> ServerOptimizer:
+    """'fedavg' (lr=1.0), 'fedavgm' (lr=1.0, momentum=0.9, nesterov=False),
+    'fedadam' (lr=1e-3, b1=0.9, b2=0.99, eps=1e-3)."""
+    name = name.lower()
+    if name == "fedavg":
+        lr = kw.pop("lr", 1.0)
+        _no_more(name, kw)
+        return ServerOptimizer(name, optax.sgd(lr), plain_average=(lr == 1.0))
+    if name == "fedavgm":
+        lr = kw.pop("lr", 1.0)
+        momentum = kw.pop("momentum", 0.9)
+        nesterov = kw.pop("nesterov", False)
+        _no_more(name, kw)
+        return ServerOptimizer(name, optax.sgd(lr, momentum=momentum, nesterov=nesterov))
+    if name == "fedadam":
+        lr = kw.pop("lr", 1e-3)
+        b1 = kw.pop("b1", 0.9)
+        b2 = kw.pop("b2", 0.99)
+        eps = kw.pop("eps", 1e-3)
+        _no_more(name, kw)
+        return ServerOptimizer(name, optax.adam(lr, b1=b1, b2=b2, eps=eps))
+    raise ValueError(f"unknown server optimizer {name!r}: fedavg, fedavgm, fedadam")
+
+
+def _no_more(name, kw):
+    if kw:
+        raise TypeError(f"unexpected options for {name}: {sorted(kw)}")
