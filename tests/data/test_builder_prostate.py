@@ -64,3 +64,11 @@ def test_prostate_missing_and_broken(raw, tmp_path):
     (broken / "UCL" / "Case00_segmentation.nii.gz").write_bytes(b"not a nifti")
     with pytest.raises(DataError, match=r"UCL/Case00_segmentation.nii.gz"):
         get_federation("prostate", image_size=64, data_dir=tmp_path / "c", manual_dir=broken)
+
+
+def test_split_options_and_unknown_option(raw, tmp_path):
+    fed = get_federation("prostate", image_size=32, data_dir=tmp_path, manual_dir=raw, val_fraction=0.5,
+                         split_seed=3)
+    assert len(fed.val("BIDMC")) == 10  # round(0.5 * 3) = 2 of 3 volumes
+    with pytest.raises(TypeError, match="modality"):
+        get_federation("prostate", image_size=32, data_dir=tmp_path, manual_dir=raw, modality="t2")

@@ -71,6 +71,10 @@ def default_data_dir() -> str:
 def make_builder(name: str, *, image_size: int, data_dir=None, **kw):
     from fedfms_jax.data.builders.base import make_config
     cls = builder_class(name)
+    unknown = set(kw) - {"val_fraction", "split_seed"} - set(cls.OPTIONS)
+    if unknown:
+        raise TypeError(f"{name} takes no option(s) {sorted(unknown)}; options: "
+                        f"val_fraction, split_seed{''.join(', ' + k for k in cls.OPTIONS)}")
     config = make_config(image_size, **kw)
     predefined = {c.name for c in cls.BUILDER_CONFIGS}
     return cls(config=config.name if config.name in predefined else config,
