@@ -127,6 +127,8 @@ class FederatedEngine:
     def init(self, num_clients: int) -> FedState:
         """Global = the model's trainable params; every client starts from it. Clients
         are padded up to a multiple of the mesh size (padded ones never take part)."""
+        if self._round_jit is not None and self.num_clients == int(num_clients):
+            return self._init_state()
         self.num_clients = int(num_clients)
         self.num_padded = mesh_lib.padded_num_clients(self.num_clients, self.mesh)
         self._round_jit = jax.jit(
@@ -135,10 +137,13 @@ class FederatedEngine:
             out_shardings=(self.state_sharding, self._repl),
             donate_argnums=(0,),
         )
-        init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
+        self._init_jit = jax.jit(self._init_fn, out_shardings=self.state_sharding)
+        return self._init_state()
+
+    def _init_state(self) -> FedState:
         if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.initial_trainable)):
-            return jax.eval_shape(init, self.initial_trainable)
-        return init(self.initial_trainable)
+            return jax.eval_shape(self._init_jit, self.initial_trainable)
+        return self._init_jit(self.initial_trainable)
 
     # ----- one round ----------------------------------------------------------------------
     def _round_fn(self, state: FedState, frozen, rest, batches, weights, participating):
