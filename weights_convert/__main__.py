@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt-free", action="store_true", help="FedFMS: the mask decoder ignores prompts")
     c.add_argument("--pixel-norm", default="sam", choices=("sam", "unit"),
                    help="sam: SAM's mean/std; unit: pixels / 255 only (as FedFMS trains)")
+    c.add_argument("--pad-before-norm1", action="store_true",
+                   help="ViT: zero-pad attention windows before norm1, as the MSA/FedFMS originals do")
     c.add_argument("--seed", type=int, default=0, help="seed for added adapters")
     c.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
@@ -49,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--variant", default="auto", choices=("auto", *ENCODERS))
     v.add_argument("--tolerance", type=float, default=1e-5, help="max relative error (fp32)")
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--weights", type=Path, default=None,
+                   help="an existing conversion of this checkpoint to check (default: convert now)")
 
     i = sub.add_parser("inspect", help="describe a checkpoint or a weights directory")
     i.add_argument("path", type=Path)
@@ -62,7 +66,7 @@ def _convert(args) -> int:
         raise CheckpointError(f"--image-size must be positive, not {args.image_size}")
     opts = ConvertOptions(variant=args.variant, image_size=args.image_size, adapters=args.adapters,
                           adapter_zero_init=args.adapter_zero_init, prompt_free=args.prompt_free,
-                          pixel_norm=args.pixel_norm, seed=args.seed)
+                          pixel_norm=args.pixel_norm, pad_before_norm1=args.pad_before_norm1, seed=args.seed)
     summary = convert_checkpoint(args.checkpoint, args.out, opts, force=args.force)
     print(f"converted {args.checkpoint} ({summary['detected']}): {summary['keys_used']} keys -> "
           f"{summary['tensors_written']} tensors in {args.out}")
@@ -84,7 +88,7 @@ def _export(args) -> int:
 def _verify(args) -> int:
     from weights_convert.verify import verify_checkpoint
 
-    report = verify_checkpoint(args.checkpoint, variant=args.variant, seed=args.seed)
+    report = verify_checkpoint(args.checkpoint, variant=args.variant, seed=args.seed, weights=args.weights)
     for name, err in report.items():
         print(f"{name}: relative error {err:.3e}")
     worst = max(report.values())

