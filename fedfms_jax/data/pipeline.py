@@ -212,6 +212,12 @@ class FederatedLoader:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def __enter__(self) -> "FederatedLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 # -- devices ------------------------------------------------------------------------------
 def client_sharding(mesh, axis: str = "clients", *, stacked: bool = False):

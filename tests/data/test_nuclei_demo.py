@@ -58,3 +58,13 @@ def test_deterministic_rebuild(fed, tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k]["image"], b[k]["image"])
+
+
+def test_loader_over_tfds_sources(fed):
+    from fedfms_jax.data.pipeline import AugmentConfig, FederatedLoader
+    train_sites = [s for s in fed.sites if s != fed.unseen]
+    with FederatedLoader([fed.train(s) for s in train_sites], 4, seed=0, augment=AugmentConfig()) as loader:
+        rb = loader.round_batches(0)
+        assert rb["image"].shape[1:] == (4, 4, 64, 64, 3)
+        assert rb["valid"].sum(axis=(0, 2)).tolist() == [len(fed.train(s)) for s in train_sites]
+        assert rb["mask"][rb["valid"]].any(axis=(1, 2, 3)).all()  # every demo image holds nuclei
