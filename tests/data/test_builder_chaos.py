@@ -35,7 +35,14 @@ def raw(tmp_path_factory):
         _series(rng, base / "CT" / str(p), {"liver": 255}, ct=True)
     for p in (1, 2, 3, 8):
         _series(rng, base / "MR" / str(p) / "T2SPIR", ORGAN_VALUES, ct=False)
-        (base / "MR" / str(p) / "T1DUAL" / "Ground").mkdir(parents=True)  # other sequence: ignored
+        # T1DUAL: InPhase/OutPhase slices share one Ground folder; only slice 1 has liver here
+        t1 = base / "MR" / str(p) / "T1DUAL"
+        for z in range(5):
+            for phase in ("InPhase", "OutPhase"):
+                fake_raw.image(t1 / "images" / phase / f"IMG-0002-{z + 1:05d}.png", np.full((40, 36), 100, np.uint16))
+            g = np.zeros((40, 36), np.uint8)
+            g[5:9, 5:9] = ORGAN_VALUES["liver"] if z == 1 else 0
+            fake_raw.image(t1 / "Ground" / f"IMG-0002-{z + 1:05d}.png", g)
     return root
 
 
@@ -52,6 +59,13 @@ def test_chaos_builder(raw, tmp_path):
             # only the liver: its square is 15x15 of 40x36 pixels; spleen and kidney are not foreground
             assert 0.1 < fg.mean() < 0.2
             assert ex["image"][..., 0][fg].mean() > ex["image"][..., 0][~fg].mean() + 60
+
+
+def test_chaos_t1dual(raw, tmp_path):
+    fed = get_federation("chaos", image_size=32, data_dir=tmp_path, manual_dir=raw, mr_sequence="T1DUAL/InPhase")
+    assert len(fed.all("MR")) == 4  # one liver slice per patient
+    with pytest.raises(ValueError, match="mr_sequence"):
+        get_federation("chaos", image_size=32, data_dir=tmp_path, manual_dir=raw, mr_sequence="T1")
 
 
 def test_chaos_errors(raw, tmp_path):

@@ -11,6 +11,7 @@ from fedfms_jax.data.builders.base import Case, FederationBuilder
 from fedfms_jax.data.errors import DataError
 
 # MR ground-truth grey levels of the release: liver 63, right kidney 126, left kidney 189, spleen 252.
+MR_SEQUENCES = ("T2SPIR", "T1DUAL/InPhase", "T1DUAL/OutPhase")
 MR_ORGANS = {"liver": (55, 70), "right_kidney": (110, 135), "left_kidney": (175, 200), "spleen": (240, 255)}
 
 
@@ -32,10 +33,11 @@ def read_dicom(path: Path) -> np.ndarray:
         raise DataError(f"cannot read DICOM {path}: {type(e).__name__}: {e}".replace("\n", " ")) from None
 
 
-def slice_files(folder: Path) -> list[Path]:
-    """Image slices of a series: images/ (PNG/TIF) or DICOM_anon/ (.dcm), in natural order."""
+def slice_files(folder: Path, phase: str = "") -> list[Path]:
+    """Image slices of a series: images/ (PNG/TIF) or DICOM_anon/ (.dcm), in natural order;
+    `phase` is the T1DUAL subfolder (InPhase / OutPhase)."""
     for sub, suffixes in (("images", preprocess.IMAGE_SUFFIXES), ("DICOM_anon", (".dcm", ""))):
-        d = folder / sub
+        d = folder / sub / phase if phase else folder / sub
         if d.is_dir():
             files = [p for p in d.iterdir() if p.is_file() and p.suffix.lower() in suffixes]
             if files:
@@ -48,10 +50,11 @@ class FedfmsChaos(FederationBuilder):
 
     SITES = ("CT", "MR")
     NUM_CLASSES = 1
-    OPTIONS = {"organ": "liver", "mr_sequence": "T2SPIR"}
+    OPTIONS = {"organ": "liver", "mr_sequence": "T2SPIR"}  # or T1DUAL/InPhase, T1DUAL/OutPhase
     LAYOUT = ("<manual_dir>/[CHAOS_Train_Sets/Train_Sets/]{CT,MR}/<patient>/ with CT/<patient>/{DICOM_anon/*.dcm "
               "or images/*.png|tif} + Ground/*.png and MR/<patient>/T2SPIR/{DICOM_anon or images} + Ground/*.png "
-              "(DICOM needs pydicom; without it convert slices to PNG/TIF in images/)")
+              "(T1DUAL: DICOM_anon/{InPhase,OutPhase}; DICOM needs pydicom; without it convert slices to PNG/TIF "
+              "in images/, same subfolders)")
     SOURCE = "the CHAOS challenge, chaos.grand-challenge.org (zenodo.org/record/3431873)"
 
     def _modality_dirs(self, root: Path) -> dict[str, Path]:
@@ -66,12 +69,15 @@ class FedfmsChaos(FederationBuilder):
             raise ValueError(f"organ must be one of {sorted(MR_ORGANS)}")
         if organ != "liver":
             raise ValueError("CHAOS CT is annotated for the liver only; organ must be 'liver' for the CT client")
+        if seq not in MR_SEQUENCES:
+            raise ValueError(f"mr_sequence must be one of {MR_SEQUENCES}")
+        seq_dir, _, phase = seq.partition("/")
         out = {}
         for site, folder in self._modality_dirs(root).items():
             cases = []
             for patient in sorted((p for p in folder.iterdir() if p.is_dir()), key=natural_key):
-                series = patient if site == "CT" else patient / seq
-                images, ground = slice_files(series), sorted(
+                series = patient if site == "CT" else patient / seq_dir
+                images, ground = slice_files(series, "" if site == "CT" else phase), sorted(
                     (p for p in (series / "Ground").glob("*") if p.suffix.lower() in preprocess.IMAGE_SUFFIXES),
                     key=natural_key)
                 if not images:

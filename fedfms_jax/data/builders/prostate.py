@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from fedfms_jax.data import preprocess
 from fedfms_jax.data.builders.base import Case, FederationBuilder
 from fedfms_jax.data.errors import DataError
