@@ -57,23 +57,27 @@ def render(seed: int, site: int, index: int, image_size: int, num_classes: int) 
     w = 2 * np.pi * style.texture_freq
     a, b = w * np.cos(style.texture_angle), w * np.sin(style.texture_angle)
     phase = rng.uniform(0, 2 * np.pi)
-    grey = style.background + style.texture_amp * (
-        np.sin(a * xx + phase) * np.cos(b * yy) + np.cos(a * xx + phase) * np.sin(b * yy))
+    grey = (np.float32(style.background) + np.float32(style.texture_amp) * (
+        np.sin(a * xx + phase) * np.cos(b * yy) + np.cos(a * xx + phase) * np.sin(b * yy))).astype(np.float32)
     masks = np.zeros((num_classes, s, s), dtype=bool)
     for c in range(num_classes):
         for _ in range(int(rng.integers(1, 4))):
             cy, cx = rng.uniform(0.15, 0.85, size=2)
             ry, rx = rng.uniform(0.05, 0.2, size=2)
+            # Evaluate each shape on its bounding box only.
+            r0, r1 = int(max(0, (cy - ry) * s - 1)), int(min(s, (cy + ry) * s + 2))
+            c0, c1 = int(max(0, (cx - rx) * s - 1)), int(min(s, (cx + rx) * s + 2))
+            y, x = yy[r0:r1], xx[:, c0:c1]
             if c % 2 == 0:
-                shape = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1.0
+                shape = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < 1.0
             else:
-                shape = (np.abs(yy - cy) < ry) & (np.abs(xx - cx) < rx)
-            masks[c] |= shape
+                shape = (np.abs(y - cy) < ry) & (np.abs(x - cx) < rx)
+            masks[c, r0:r1, c0:c1] |= shape
     fg = masks.any(axis=0)
-    grey = grey + np.where(fg, style.contrast, 0.0)
-    grey = grey.astype(np.float32) + rng.normal(0, style.noise, size=(s, s)).astype(np.float32)
+    grey[fg] += np.float32(style.contrast)
+    grey += rng.standard_normal((s, s), dtype=np.float32) * np.float32(style.noise)
     image = grey[..., None] * np.asarray(style.tint, np.float32)
-    image = np.clip(image, 0, 255).astype(np.uint8)
+    image = np.clip(image, 0, 255, out=image).astype(np.uint8)
     # Nearest-neighbour downsample to SAM's low-res logits size (S/4), centre sample of each 4x4 cell.
     mask = masks[:, 2::4, 2::4].transpose(1, 2, 0).astype(np.uint8)
     return {"image": image, "mask": mask, "case_id": f"site{site}_img{index:05d}"}
