@@ -20,8 +20,20 @@ def torch_shapes(config) -> dict[str, tuple]:
 
 
 def random_state(config, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic weights of a sensible scale: N(0, 1/fan_in) matrices, 1 + N(0, 0.01)
+    norm scales, N(0, 0.01) vectors; keys drawn in sorted order."""
     rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(s).astype(np.float32) for k, s in torch_shapes(config).items()}
+    out = {}
+    for key, shape in sorted(torch_shapes(config).items()):
+        z = rng.standard_normal(shape)
+        if len(shape) >= 2:
+            z = z / np.sqrt(max(1, int(np.prod(shape[1:]))))
+        elif key.endswith(".weight"):
+            z = 1.0 + 0.1 * z
+        else:
+            z = 0.1 * z
+        out[key] = z.astype(np.float32)
+    return out
 
 
 def save_torch(state: dict, path) -> None:
