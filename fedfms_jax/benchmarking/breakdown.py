@@ -59,14 +59,12 @@ def _jax_parts(cfg, dtype_name, batch) -> dict:
 def _torch_parts(cfg, batch) -> dict:
     import torch
 
-    from fedfms_jax.benchmarking.torch_side import torch_device
-    from fedfms_jax.reference.torch_fedfms_decoder import build_torch_fedfms_sam
+    from fedfms_jax.benchmarking.torch_side import build_torch_model, torch_device
     from fedfms_jax.reference.torch_original_round import set_trainable
 
     torch.set_num_threads(cfg.threads or __import__("os").cpu_count())
     device = torch_device()
-    model = build_torch_fedfms_sam(cfg.variant, cfg.image_size, num_classes=cfg.num_classes,
-                                   prompt_free=cfg.prompt_free, adapters=cfg.method == "fedmsa").to(device)
+    model = build_torch_model(cfg).to(device)
     set_trainable(model, cfg.method)
     model.train()
     x = (torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2))).to(device).float() / 255.0)

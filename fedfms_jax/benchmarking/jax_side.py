@@ -30,8 +30,12 @@ def build_model(cfg, dtype_name: str):
     from fedfms_jax.model_init import make_forward
     from fedfms_jax.models import sam
 
-    kw = dict(encoder=cfg.variant, image_size=cfg.image_size, adapters=cfg.method == "fedmsa",
-              prompt_free=cfg.prompt_free, num_classes=cfg.num_classes, dtype=dtype_name)
+    msa = cfg.method == "fedmsa"
+    # As the original trains: images / 255 without SAM's mean/std; the MSA blocks pad
+    # windows before norm1 (official SAM, used by FedSAM, normalises first).
+    kw = dict(encoder=cfg.variant, image_size=cfg.image_size, adapters=msa,
+              prompt_free=cfg.prompt_free, num_classes=cfg.num_classes, dtype=dtype_name,
+              pixel_norm="unit", pad_before_norm1=msa)
     fields = {f.name for f in dataclasses.fields(sam.SamConfig)}
     if cfg.remat:
         if "remat" not in fields:

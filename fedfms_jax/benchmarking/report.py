@@ -30,7 +30,9 @@ def _fmt(v: Any, unit: str = "") -> str:
 
 
 def _gib(n) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _mb(n) -> str:

@@ -23,6 +23,40 @@ def torch_device() -> str:
     return "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
 
 
+def build_torch_model(cfg):
+    """The original's PyTorch model for the config. The official sizes come from
+    build_torch_fedfms_sam; smaller test variants (vit_tiny) are assembled from the same
+    parts with the decoder's widths scaled to the embedding, as the JAX model does."""
+    from fedfms_jax.reference import torch_fedfms_decoder as ref
+
+    msa = cfg.method == "fedmsa"
+    if cfg.variant in ref.TORCH_VIT_SETTINGS:
+        return build_torch_fedfms_sam(cfg.variant, cfg.image_size, num_classes=cfg.num_classes,
+                                      prompt_free=cfg.prompt_free, adapters=msa)
+    from segment_anything.modeling import ImageEncoderViT, PromptEncoder, TwoWayTransformer
+
+    from fedfms_jax.models.image_encoder import VIT_CONFIGS
+    from fedfms_jax.reference.torch_msa_encoder import build_torch_msa_encoder
+
+    v = VIT_CONFIGS[cfg.variant]
+    if msa:
+        encoder = build_torch_msa_encoder(cfg.variant, cfg.image_size)
+    else:
+        encoder = ImageEncoderViT(
+            img_size=cfg.image_size, patch_size=v.patch_size, embed_dim=v.embed_dim, depth=v.depth,
+            num_heads=v.num_heads, mlp_ratio=v.mlp_ratio, out_chans=v.out_chans, qkv_bias=True,
+            norm_layer=__import__("functools").partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True, window_size=v.window_size, global_attn_indexes=v.global_attn_indexes)
+    c, g = v.out_chans, cfg.image_size // v.patch_size
+    prompt = PromptEncoder(embed_dim=c, image_embedding_size=(g, g),
+                           input_image_size=(cfg.image_size, cfg.image_size), mask_in_chans=16)
+    decoder = ref.FedFMSMaskDecoder(
+        prompt_free=cfg.prompt_free, num_classes=cfg.num_classes, num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=c, mlp_dim=8 * c, num_heads=8),
+        transformer_dim=c, iou_head_depth=3, iou_head_hidden_dim=c)
+    return ref.TorchFedFMSSam(encoder, prompt, decoder)
+
+
 class TorchRound:
     """Built and ready: `run()` is one blocking round; `results(timing)` the rest."""
 
@@ -32,9 +66,7 @@ class TorchRound:
         torch.set_num_threads(self.threads)
         torch.manual_seed(cfg.seed)
         self.device = torch_device()
-        model = build_torch_fedfms_sam(cfg.variant, cfg.image_size, num_classes=cfg.num_classes,
-                                       prompt_free=cfg.prompt_free,
-                                       adapters=cfg.method == "fedmsa").to(self.device)
+        model = build_torch_model(cfg).to(self.device)
         # [steps, clients, B, H, W, 3] uint8 -> [steps, clients, B, 3, H, W] float / 255.
         img = torch.from_numpy(np.ascontiguousarray(batches["image"].transpose(0, 1, 2, 5, 3, 4)))
         self.images = (img.to(self.device).float() / 255.0).contiguous()

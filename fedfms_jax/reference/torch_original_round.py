@@ -97,7 +97,7 @@ class OriginalStyleFederation:
         Persistent: the average is written back into every site's model. Otherwise it
         becomes the global model's parameter.
         """
-        global_params = list(self.global_model.parameters())
+        global_params = [] if self.persistent else list(self.global_model.parameters())
         for i, params in enumerate(zip(*(m.parameters() for m in models))):
             new = torch.zeros_like(params[0])
             for w, p in zip(self.weights, params):
