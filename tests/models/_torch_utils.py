@@ -5,6 +5,7 @@ Nothing here imports torch: state dicts are dicts of numpy arrays.
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -73,7 +74,7 @@ def load_torch_state_into_flax(module: nnx.Module, state_dict, prefix: str = "")
         if tuple(val.shape) != tuple(var.shape):
             bad_shape.append(f"{key}: torch->{val.shape} vs flax {var.shape}")
         used.add(key)
-        new.append((path, np.ascontiguousarray(val, dtype=np.float32)))
+        new.append((path, jnp.asarray(val, dtype=jnp.float32)))
     unexpected = [k for k in sd if k not in used and not k.endswith(TORCH_ONLY_SUFFIXES)]
     if missing or unexpected or bad_shape:
         raise KeyError(f"missing={missing} unexpected={unexpected} bad_shape={bad_shape}")
