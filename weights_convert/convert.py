@@ -180,7 +180,7 @@ def exported_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         key = rules.torch_key(path)
         if key in NON_PERSISTENT:
             continue
-        out[key] = np.asarray(rules.to_torch(path, lazy.numpy()))
+        out[key] = np.asarray(rules.to_torch(path, lazy.numpy()), order="C")  # plain contiguous tensors
         if key.endswith(".running_var"):  # torch keeps a batch counter after each BatchNorm
             counter = key[: -len("running_var")] + "num_batches_tracked"
             out[counter] = np.asarray(torch_only.get(counter, 0), np.int64)

@@ -98,7 +98,11 @@ def write_pth_native(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
 def write_pth_torch(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
     import torch
 
-    torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in state_dict.items()}, str(path))
+    def tensor(v):
+        v = np.asarray(v, order="C")
+        return torch.from_numpy(v if v.flags.writeable else v.copy())  # shares memory when it can
+
+    torch.save({k: tensor(v) for k, v in state_dict.items()}, str(path))
 
 
 def torch_available() -> bool:
