@@ -118,13 +118,19 @@ def plan(state_dict: Mapping[str, Any], config, *, resizing: bool, adding_adapte
             return np.asarray(rules.to_flax(path, value), dtype=dtype)
 
         pending.append(PendingTensor(path_name(path), flax_shape, dtype, produce))
-    unexpected = [k for k in state_dict if k not in used and not _is_torch_only(k)]
+    # Kept aside and restored on export: BatchNorm counters, and pixel statistics that some
+    # SAM forks save as persistent buffers while this model holds them as constants.
+    carried = [k for k in state_dict if k not in used and (_is_torch_only(k) or k in NON_PERSISTENT)]
+    unexpected = [k for k in state_dict if k not in used and k not in carried]
     if missing or unexpected or misshaped:
         raise CheckpointError(mismatch_message(
             "checkpoint does not match the model (nothing written):", missing, unexpected, misshaped))
     if fresh:
         pending.extend(_fresh_tensors(config, fresh, seed))
-    torch_only = {k: as_numpy(v).tolist() for k, v in state_dict.items() if _is_torch_only(k)}
+    torch_only = {}
+    for k in carried:
+        value = as_numpy(state_dict[k])
+        torch_only[k] = {"dtype": value.dtype.name, "shape": list(value.shape), "value": value.tolist()}
     return pending, torch_only
 
 
@@ -169,11 +175,15 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
             "image_size": config.image_size, "added_adapters": adding}
 
 
+def _carried_value(entry) -> np.ndarray:
+    return np.asarray(entry["value"], np.dtype(entry["dtype"])).reshape(entry["shape"])
+
+
 def exported_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     """The weights in DIR as a PyTorch state dict (numpy arrays, PyTorch layouts and keys)."""
     doc = read_meta(directory)
     tensors = read_params(directory)
-    torch_only = doc.get("torch_only") or {}
+    carried = doc.get("torch_only") or {}
     out: dict[str, np.ndarray] = {}
     for name, lazy in tensors.items():
         path = tuple(name.split("/"))
@@ -183,5 +193,7 @@ def exported_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         out[key] = np.asarray(rules.to_torch(path, lazy.numpy()), order="C")  # plain contiguous tensors
         if key.endswith(".running_var"):  # torch keeps a batch counter after each BatchNorm
             counter = key[: -len("running_var")] + "num_batches_tracked"
-            out[counter] = np.asarray(torch_only.get(counter, 0), np.int64)
+            out[counter] = _carried_value(carried[counter]) if counter in carried else np.zeros((), np.int64)
+    for key, entry in carried.items():
+        out.setdefault(key, _carried_value(entry))
     return out

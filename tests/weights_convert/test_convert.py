@@ -87,6 +87,23 @@ def test_mismatch_lists_every_key_and_writes_nothing(tiny, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".w")]  # no temp dir left
 
 
+def test_persistent_pixel_statistics_are_carried_through(tiny, tmp_path):
+    """Some SAM forks save pixel_mean/pixel_std in the state dict: used, and given back."""
+    _, state = tiny
+    extra = dict(state, pixel_mean=np.array([123.675, 116.28, 103.53], np.float32).reshape(3, 1, 1),
+                 pixel_std=np.array([58.395, 57.12, 57.375], np.float32).reshape(3, 1, 1))
+    ckpt = tmp_path / "fork.pth"
+    save_torch(extra, ckpt)
+    out = tmp_path / "w"
+    assert main(["convert", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    back = tmp_path / "back.pth"
+    assert main(["export", "--weights", str(out), "--out", str(back), "--writer", "native"]) == 0
+    loaded = torch.load(back, weights_only=True)
+    assert set(loaded) == set(extra)
+    for k, v in extra.items():
+        np.testing.assert_array_equal(loaded[k].numpy(), v, err_msg=k)
+
+
 def test_output_dir_is_not_overwritten_without_force(tiny, tmp_path, capsys):
     ckpt, _ = tiny
     out = tmp_path / "w"
@@ -199,4 +216,7 @@ def test_cli_usage_errors(tiny, tmp_path, capsys):
     assert e.value.code == 2
     assert main(["inspect", str(ckpt)]) == 0
     assert "vit_tiny" in capsys.readouterr().out
+    assert main(["convert", "--checkpoint", str(ckpt), "--out", str(tmp_path / "w")]) == 0
+    assert main(["inspect", str(tmp_path / "w")]) == 0
+    assert '"variant": "vit_tiny"' in capsys.readouterr().out
     assert len(torch_shapes(_config())) > 0
