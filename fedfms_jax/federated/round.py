@@ -38,7 +38,7 @@ def sam_forward(model, images_uint8):
 
 class FedState(NamedTuple):
     global_params: Any  # trainable subtree (nested dict), replicated
-    client_params: Any  # [C, ...] each client's locally trained params of the last round
+    client_params: Any  # [C, ...] each client's locally trained params of the last round; () if not kept
     client_opt_state: Any  # [C, ...] optax state of the trainable subtree; () if not kept
     server_opt_state: Any
     round: jax.Array  # int32 scalar, rounds completed
@@ -57,6 +57,12 @@ class FederatedEngine:
     model: nnx.Module (concrete, or abstract from nnx.eval_shape for lowering only).
     partition: a Partition, a preset name or a rules list (see partition.make_partition).
     forward(model, images_uint8 [B,H,W,3]) -> logits [B,h,w,K].
+    keep_client_opt_state: carry each client's optimizer state across rounds (the
+        original); False: a fresh optimizer state every round.
+    keep_client_params: keep each client's locally trained params in the state (costs
+        clients x trainable bytes between rounds; never read by the next round).
+    client_chunk: train at most this many clients of a device at once (lax.map over
+        chunks; activation memory scales with the chunk, not the device's client count).
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class FederatedEngine:
         prox_mu: float = 0.0,
         mesh: jax.sharding.Mesh | None = None,
         keep_client_opt_state: bool = True,
+        keep_client_params: bool = True,
+        client_chunk: int | None = None,
     ):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         if not isinstance(partition, Partition):
@@ -84,6 +92,10 @@ class FederatedEngine:
         self.loss = losses.get_loss(loss, pos_weight=pos_weight) if isinstance(loss, str) else loss
         self.prox_mu = float(prox_mu)
         self.keep_client_opt_state = keep_client_opt_state
+        self.keep_client_params = keep_client_params
+        if client_chunk is not None and client_chunk < 1:
+            raise ValueError(f"client_chunk must be >= 1, got {client_chunk}")
+        self.client_chunk = client_chunk
         self.mesh = mesh if mesh is not None else mesh_lib.client_mesh()
         self._repl = mesh_lib.replicated(self.mesh)
         self._by_client = mesh_lib.client_sharded(self.mesh, 0)
@@ -122,7 +134,8 @@ class FederatedEngine:
     def _init_fn(self, g):
         start = self._broadcast(g)
         os = jax.vmap(self.client_tx.init)(start) if self.keep_client_opt_state else ()
-        return FedState(g, start, os, self.server.tx.init(g), jnp.zeros((), jnp.int32))
+        cp = start if self.keep_client_params else ()
+        return FedState(g, cp, os, self.server.tx.init(g), jnp.zeros((), jnp.int32))
 
     def init(self, num_clients: int) -> FedState:
         """Global = the model's trainable params; every client starts from it. Clients
@@ -159,19 +172,21 @@ class FederatedEngine:
         active = participating & (weights > 0)
         ok = active & finite
         wn, total = aggregate.effective_weights(weights, participating, finite)
-        mean = aggregate.weighted_mean(new_tr, wn)
+        # Average the client updates (x_c - g), not the parameters: a leaf no client
+        # changed stays bit-identical (sum_c w_c != 1 exactly in float32).
+        mean_update = aggregate.weighted_mean(jax.tree.map(jnp.subtract, new_tr, start), wn)
         any_ok = total > 0
         if self.server.plain_average:
-            cand, ss = mean, state.server_opt_state
+            cand, ss = jax.tree.map(jnp.add, g, mean_update), state.server_opt_state
         else:
-            delta = jax.tree.map(lambda a, b: a - b, g, mean)
-            upd, ss = self.server.tx.update(delta, state.server_opt_state, g)
+            pseudo_grad = jax.tree.map(jnp.negative, mean_update)  # g - mean(x_c)
+            upd, ss = self.server.tx.update(pseudo_grad, state.server_opt_state, g)
             cand = optax.apply_updates(g, upd)
         new_g = jax.tree.map(lambda a, b: jnp.where(any_ok, a, b), cand, g)
         new_ss = jax.tree.map(lambda a, b: jnp.where(any_ok, a, b), ss, state.server_opt_state)
         # A client that did not count this round keeps its pre-round optimizer state.
         client_os = _per_client_select(ok, new_os, os0) if self.keep_client_opt_state else ()
-        client_params = _per_client_select(ok, new_tr, start)
+        client_params = _per_client_select(ok, new_tr, start) if self.keep_client_params else ()
 
         n = self.num_clients
         touched = jnp.stack([t for t in self.partition.flatten_trainable(stats["touched"])], axis=1)
@@ -199,13 +214,25 @@ class FederatedEngine:
         # grouped convolution it turns into.)
         c = P(CLIENTS)
         fn = jax.shard_map(
-            jax.vmap(self.local_update, in_axes=(0, 0, None, None, None, 1)),
+            self._local_clients,
             mesh=self.mesh,
             in_specs=(c, c, P(), P(), P(), P(None, CLIENTS)),
             out_specs=(c, c, c),
             check_vma=False,
         )
         return fn(start, os0, frozen, rest, anchor, batches)
+
+    def _local_clients(self, start, os0, frozen, rest, anchor, batches):
+        """The clients of one device: all vmapped at once, or `client_chunk` at a time
+        (lax.map over chunks) to bound activation memory."""
+        local = jax.tree.leaves(start)[0].shape[0]
+        if self.client_chunk is None or self.client_chunk >= local:
+            return jax.vmap(self.local_update, in_axes=(0, 0, None, None, None, 1))(
+                start, os0, frozen, rest, anchor, batches)
+        per_client = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batches)
+        return jax.lax.map(
+            lambda a: self.local_update(a[0], a[1], frozen, rest, anchor, a[2]),
+            (start, os0, per_client), batch_size=self.client_chunk)
 
     def _pad_clients(self, x, axis, fill=0):
         extra = self.num_padded - x.shape[axis]

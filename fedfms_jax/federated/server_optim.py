@@ -1,7 +1,7 @@
 """Server optimizers applied to the pseudo-gradient  delta = global - weighted_mean(clients).
 
-FedAvg is SGD with lr 1 (new global = the weighted mean; computed as exactly the mean,
-not global - (global - mean), to avoid a rounding step). FedAvgM adds server momentum,
+FedAvg is SGD with lr 1: new global = global + weighted mean of the client updates
+(applied directly, without negating twice). FedAvgM adds server momentum,
 FedAdam is Adam on the pseudo-gradient (Reddi et al., "Adaptive Federated Optimization").
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import optax
 class ServerOptimizer:
     name: str
     tx: optax.GradientTransformation
-    # True when the step is exactly "new global = weighted mean" (FedAvg).
+    # True when the step is exactly "global += weighted mean update" (FedAvg).
     plain_average: bool = False
 
 

@@ -136,18 +136,18 @@ def path_str(path):
 _STEPS = {}
 
 
-def _reference_step(graphdef, trainable_paths, lr, pos_weight):
+def _reference_step(graphdef, trainable_paths, opt, pos_weight, forward):
     """One jitted plain Adam step per (model structure, trainable set): compiled once per
     test session and batch shape."""
-    key = (graphdef, trainable_paths, lr, pos_weight)
+    key = (graphdef, trainable_paths, opt, pos_weight, forward)
     if key not in _STEPS:
-        tx = optax.adam(lr)
+        tx = make_tx(opt)
 
         @jax.jit
         def step(tr, opt, other, img, m):
             def loss_fn(tr):
                 mdl = nnx.merge(graphdef, tr, other)
-                return losses.bce_with_logits(tiny_forward(mdl, img), m, pos_weight=pos_weight)
+                return losses.bce_with_logits(forward(mdl, img), m, pos_weight=pos_weight)
 
             g = jax.grad(loss_fn)(tr)
             u, opt = tx.update(g, opt, tr)
@@ -157,16 +157,22 @@ def _reference_step(graphdef, trainable_paths, lr, pos_weight):
     return _STEPS[key]
 
 
+def make_tx(opt):
+    name, lr = opt
+    return optax.adam(lr) if name == "adam" else optax.sgd(lr, momentum=0.9)
+
+
 def sequential_fedavg(model, trainable_paths, per_round_batches, weights, rounds, *, lr=1e-3,
-                      pos_weight=2.0, keep_opt_state=True):
+                      pos_weight=2.0, keep_opt_state=True, opt=None, forward=None):
     """Reference: for each round, each client (in turn) trains a copy of the global model on
     its own (unpadded) batches with its own Adam, then the server averages parameter by
     parameter in float64. Returns the final global trainable params {path: np.ndarray}."""
     trainable_paths = frozenset(trainable_paths)
     is_tr = lambda path, v: isinstance(v, nnx.Param) and path_str(path) in trainable_paths  # noqa: E731
     graphdef, glob, other = nnx.split(model, is_tr, ...)
-    tx = optax.adam(lr)
-    step = _reference_step(graphdef, trainable_paths, lr, pos_weight)
+    opt = opt or ("adam", lr)
+    tx = make_tx(opt)
+    step = _reference_step(graphdef, trainable_paths, opt, pos_weight, forward or tiny_forward)
 
     n = len(weights)
     opts = [tx.init(glob) for _ in range(n)]
