@@ -50,12 +50,16 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.torch_persistent = True # the original: one model + Adam per client kept across rounds
     c.interleave = True       # alternate JAX and PyTorch repetitions (fair under shared load)
     c.threads = 0             # CPU threads for torch (0: all cores, like XLA)
+    c.flops = "xla"           # xla: XLA cost analysis of one compiled local step | jaxpr: count
+                              # matmul/conv FLOPs from the traced program (no extra compile)
     c.peak = "auto"           # auto: table for known GPUs, measured matmul otherwise | table | measure
     c.seed = 0
     if arg:
         _apply_overrides(c, arg)
     if c.method not in ("fedmsa", "fedsam"):
         raise ValueError(f"method must be fedmsa or fedsam, got {c.method!r}")
+    if c.flops not in ("xla", "jaxpr"):
+        raise ValueError(f"flops must be xla or jaxpr, got {c.flops!r}")
     if c.mode not in ("round", "encoder", "profile"):
         raise ValueError(f"mode must be round, encoder or profile, got {c.mode!r}")
     return c

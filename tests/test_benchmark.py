@@ -130,7 +130,7 @@ def _check_summary(result: dict, with_torch: bool):
         assert value is not None and math.isfinite(value) and value > 0, (key, value)
 
 
-TINY = "variant=vit_tiny,image_size=64,clients=2,batch=1,steps=2,warmup=0,repeats=2"
+TINY = "variant=vit_tiny,image_size=64,clients=2,batch=1,steps=2,warmup=0,repeats=2,flops=jaxpr"
 
 
 @pytest.mark.slow
@@ -144,6 +144,21 @@ def test_benchmark_cli_round_without_torch(tmp_path):
     # A FedMSA client sends its trainable leaves only: fewer bytes than the whole model.
     assert 0 < result["comm_bytes_per_round"] < 4 * result["jax"]["total_params"]
     assert result["jax"]["comm_bytes_nonzero_grad"] <= result["comm_bytes_per_round"]
+
+
+@pytest.mark.slow
+def test_benchmark_cli_round_with_torch(tmp_path):
+    out = tmp_path / "bench.json"
+    result = main(["--config", f"{CONFIG}:{TINY},method=fedsam,eval=false,torch_repeats=1",
+                   "--json", str(out)])
+    _check_summary(result, with_torch=True)
+    saved = json.loads(out.read_text())
+    for key in SUMMARY_KEYS:
+        assert saved[key] == pytest.approx(result[key])
+    assert saved["speedup"] == pytest.approx(saved["jax_images_per_s"] / saved["torch_images_per_s"])
+    # Both frameworks train the same parameters (FedSAM: all of them).
+    assert result["torch"]["trainable_params"] == result["jax"]["trainable_params"]
+    assert len(saved["torch"]["round"]["samples_s"]) == 1
 
 
 @pytest.mark.slow

@@ -65,6 +65,34 @@ def _peak_memory(compiled) -> tuple[int | None, str]:
         return None, "unavailable"
 
 
+def _host_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_host_memory(compiled) -> None:
+    """On CPU, refuse to run a round that would not fit in the memory left on the host
+    (a shared machine's OOM killer may pick someone else's process)."""
+    if jax.devices()[0].platform != "cpu":
+        return
+    try:
+        m = compiled.memory_analysis()
+        # The arguments (state, frozen weights, batches) already sit in memory.
+        need = m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    except Exception:
+        return
+    have = _host_available_bytes()
+    if need is not None and have is not None and need > 0.9 * have:
+        raise MemoryError(f"the round needs about {need / 2**30:.1f} GiB more (XLA memory analysis) but "
+                          f"only {have / 2**30:.1f} GiB are available; use fewer clients or a smaller batch")
+
+
 def step_flops(engine: FederatedEngine, batches, how: str = "xla") -> tuple[float, str, float]:
     """(FLOPs of one local step of one client, source, matmul FLOPs from the jaxpr)."""
     step = make_train_step(engine.graphdef, engine.partition, engine.forward, engine.loss, engine.client_tx)
@@ -76,7 +104,8 @@ def step_flops(engine: FederatedEngine, batches, how: str = "xla") -> tuple[floa
         xla = flops_lib.xla_flops(step, *args)
         if xla:
             return xla, "xla_cost_analysis of one local step", matmul
-    return matmul, "jaxpr matmul+conv count (XLA cost analysis unavailable)", matmul
+        return matmul, "jaxpr matmul+conv count (XLA cost analysis unavailable)", matmul
+    return matmul, "jaxpr matmul+conv count of one local step", matmul
 
 
 class JaxRound:
@@ -90,12 +119,13 @@ class JaxRound:
             client_optimizer=optax.adam(1e-4, b1=0.9, b2=0.999),
             server_optimizer="fedavg", loss="bce", pos_weight=2.0)
         del model
-        self.flops_step, self.flops_source, self.matmul_step = step_flops(engine, batches)
+        self.flops_step, self.flops_source, self.matmul_step = step_flops(engine, batches, cfg.flops)
         state = engine.init(cfg.clients)
         args = _round_args(engine, state, batches, weights)
         with Stopwatch() as sw:
             self.compiled = engine._round_jit.lower(*args).compile()
         self.compile_s = sw.seconds
+        _check_host_memory(self.compiled)
         self.fixed = args[1:3]
         self.w_p = args[4:]
         self.state, self.batches, self.metrics = state, args[3], None
