@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
 def _convert(args) -> int:
     from weights_convert.convert import ConvertOptions, convert_checkpoint
 
+    if args.adapter_zero_init and not args.adapters:
+        raise CheckpointError("--adapter-zero-init only applies with --adapters")
     if args.image_size is not None and args.image_size <= 0:
         raise CheckpointError(f"--image-size must be positive, not {args.image_size}")
     opts = ConvertOptions(variant=args.variant, image_size=args.image_size, adapters=args.adapters,
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"convert": _convert, "export": _export, "verify": _verify, "inspect": _inspect}[args.command]
     try:
         return handler(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ImportError) as e:
+    except (CheckpointError, ImportError, OSError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -108,7 +108,7 @@ def write_dir(directory: str | os.PathLike, config, tensors: Iterable[PendingTen
     doc = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "params": PARAMS_FILE, "layout": "flax_nnx",
         **describe_config(config),
-        "param_count": int(sum(np.prod(t.shape, dtype=np.int64) for t in tensors)),
+        "stored_values": int(sum(np.prod(t.shape, dtype=np.int64) for t in tensors)),  # params + buffers
         "config": config_to_json(config),
         **(dict(meta) if meta else {}),
     }

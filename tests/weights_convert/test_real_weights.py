@@ -26,7 +26,7 @@ def test_official_vit_b_round_trip_is_bit_exact(tmp_path):
     assert main(["convert", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
     meta = json.loads((out / "model.json").read_text())
     assert (meta["variant"], meta["image_size"], meta["source"]["keys"]) == ("vit_b", 1024, len(state))
-    assert meta["param_count"] == sum(v.numel() for v in state.values())
+    assert meta["stored_values"] == sum(v.numel() for v in state.values())
     for writer in ("torch", "native"):
         back = tmp_path / f"back_{writer}.pth"
         assert main(["export", "--weights", str(out), "--out", str(back), "--writer", writer]) == 0
