@@ -78,17 +78,23 @@ def torch_merge_stride(out_dim: int) -> int:
 
 
 class Conv2d_BN(nnx.Module):
-    """Conv (no bias) then BatchNorm on running statistics; torch names `c`, `bn`."""
+    """Conv (no bias) then BatchNorm on running statistics; torch names `c`, `bn`.
+
+    The conv accumulates and returns float32 and the BatchNorm runs in float32 before the
+    cast to the compute dtype: conv outputs can sit far from zero, and subtracting the
+    running mean after rounding to bfloat16 would cancel most of their precision.
+    """
 
     def __init__(self, a, b, ks=1, stride=1, pad=0, groups=1, *, dtype, rngs):
         self.c = nnx.Conv(a, b, (ks, ks), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                          feature_group_count=groups, use_bias=False, dtype=dtype,
-                          param_dtype=jnp.float32, rngs=rngs)
-        self.bn = nnx.BatchNorm(b, use_running_average=True, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                          feature_group_count=groups, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                          preferred_element_type=jnp.float32, rngs=rngs)
+        self.bn = nnx.BatchNorm(b, use_running_average=True, momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
                                 param_dtype=jnp.float32, rngs=rngs)
+        self.dtype = dtype
 
     def __call__(self, x):
-        return self.bn(self.c(x), use_running_average=True)
+        return self.bn(self.c(x), use_running_average=True).astype(self.dtype)
 
 
 class PatchEmbed(nnx.Module):
@@ -293,9 +299,10 @@ class TinyViT(nnx.Module):
             self.norm_head = nnx.LayerNorm(dims[-1], epsilon=1e-5, **kw)
             self.head = nnx.Linear(dims[-1], cfg.num_classes, **kw) if cfg.num_classes > 0 else None
         self.neck = nnx.List([
-            nnx.Conv(dims[-1], cfg.out_chans, (1, 1), use_bias=False, **kw),
+            nnx.Conv(dims[-1], cfg.out_chans, (1, 1), use_bias=False, preferred_element_type=jnp.float32, **kw),
             LayerNorm2d(cfg.out_chans, eps=1e-6, dtype=dtype),
-            nnx.Conv(cfg.out_chans, cfg.out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, **kw),
+            nnx.Conv(cfg.out_chans, cfg.out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                     preferred_element_type=jnp.float32, **kw),  # LayerNorm2d follows: center in f32
             LayerNorm2d(cfg.out_chans, eps=1e-6, dtype=dtype),
         ])
         self.dtype = dtype

@@ -173,37 +173,6 @@ def golden():
     return dict(np.load(GOLDEN))
 
 
-@pytest.fixture(scope="session")
-def jax_embedding(lite_medsam_sd, golden):
-    """Flax LiteMedSAM encoder (real weights) on the golden nuclei crop."""
-    model = loaded_model(TINY_VIT_PRESETS["lite_medsam"], encoder_state(lite_medsam_sd))
-    return jax_forward(model, as_input(golden["image"]))
-
-
-# ---------------------------------------------------------------- tests
-
-
-def test_lite_medsam_encoder_matches_pytorch_on_real_checkpoint(torch_lite_medsam, checkpoint):
-    cfg = infer_tiny_vit_config({k: tuple(v.shape) for k, v in checkpoint.items()})
-    assert cfg == TINY_VIT_PRESETS["lite_medsam"]
-    enc = encoder_state({k: v.numpy() for k, v in checkpoint.items()})
-    model = loaded_model(cfg, enc)  # strict: every image_encoder key used, none missing
-    assert len(enc) == 298 and len(checkpoint) == 435
-
-    # The index table PyTorch keeps as a non-persistent buffer is reproduced exactly.
-    for i, layer in enumerate(model.layers[1:], start=1):
-        want = torch_lite_medsam.image_encoder.layers[i].blocks[0].attn.attention_bias_idxs.numpy()
-        np.testing.assert_array_equal(layer.blocks[0].attn.attention_bias_idxs, want)
-
-    x = as_input(nuclei_crop())
-    want = torch_forward(torch_lite_medsam.image_encoder, x)
-    got = jax_forward(model, x)
-    err = rel_err(got, want)
-    print(f"LiteMedSAM encoder (real weights) rel err {err:.2e}")
-    assert got.shape == (1, 64, 64, 256)
-    assert err <= 1e-5
-
-
 def largest_nucleus_box() -> np.ndarray:
     """(1, 4) x0, y0, x1, y1 box around the largest labelled nucleus of the crop."""
     from PIL import Image
@@ -214,23 +183,68 @@ def largest_nucleus_box() -> np.ndarray:
     return np.array([[xs.min(), ys.min(), xs.max(), ys.max()]], np.float32)
 
 
-def test_full_lite_medsam_matches_pytorch_box_prompt(torch_lite_medsam, checkpoint):
-    import torch
-
+@pytest.fixture(scope="session")
+def jax_lite_medsam(lite_medsam_sd, golden):
+    """The Flax LiteMedSAM (real weights via the safe reader; all 435 keys, strict) on the
+    golden nuclei crop and box, in one compile: embedding, low-res logits, IoU."""
     from fedfms_jax.models.sam import SamConfig, build_sam, preprocess
 
-    cfg = SamConfig(encoder="tiny_vit", tiny_vit="lite_medsam", image_size=256)
-    model = nnx.eval_shape(lambda: build_sam(cfg, rngs=nnx.Rngs(0)))
-    sd = {k: v.numpy() for k, v in checkpoint.items()}
-    report = load_state_dict(model, sd, strict=True)
+    model = nnx.eval_shape(lambda: build_sam(SamConfig(encoder="tiny_vit", tiny_vit="lite_medsam",
+                                                       image_size=256), rngs=nnx.Rngs(0)))
+    report = load_state_dict(model, lite_medsam_sd, strict=True)
     assert not (report.missing or report.unexpected or report.mismatched)
-    flax_keys = set(export_state_dict(model))
-    assert flax_keys == set(sd) and len(sd) == 435  # every checkpoint key has a Flax home
+    assert set(export_state_dict(model)) == set(lite_medsam_sd)  # every key has a Flax home
+    graphdef, state = nnx.split(model)
 
-    image, box = nuclei_crop(), largest_nucleus_box()
-    x = as_input(image)
+    def run(state, x, box):
+        sam = nnx.merge(graphdef, state)
+        emb = sam.embed(x)
+        low, iou = sam.decode(emb, boxes=box, multimask_output=False)
+        return emb, low, iou
+
+    x = preprocess(golden["image"][None], "unit")
+    emb, low, iou = jax.jit(run)(state, x, jnp.asarray(golden["box"]))
+    return {"embedding": np.asarray(emb), "low_res_logits": np.asarray(low), "iou": np.asarray(iou)}
+
+
+@pytest.fixture(scope="session")
+def jax_embedding(jax_lite_medsam):
+    return jax_lite_medsam["embedding"]
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_lite_medsam_encoder_matches_pytorch_on_real_checkpoint(torch_lite_medsam, checkpoint, lite_medsam_sd,
+                                                                jax_embedding):
+    assert len(checkpoint) == 435 and sum(k.startswith(ENC) for k in checkpoint) == 298
+    for k, v in checkpoint.items():  # the safe reader behind the Flax model reads what torch reads
+        np.testing.assert_array_equal(lite_medsam_sd[k], v.numpy(), err_msg=k)
+    cfg = infer_tiny_vit_config({k: tuple(v.shape) for k, v in checkpoint.items()})
+    assert cfg == TINY_VIT_PRESETS["lite_medsam"]
+    # A bare TinyViT takes exactly the checkpoint's image_encoder.* keys (strict).
+    model = loaded_model(cfg, encoder_state({k: v.numpy() for k, v in checkpoint.items()}))
+
+    # The index table PyTorch keeps as a non-persistent buffer is reproduced exactly.
+    for i, layer in enumerate(model.layers[1:], start=1):
+        want = torch_lite_medsam.image_encoder.layers[i].blocks[0].attn.attention_bias_idxs.numpy()
+        np.testing.assert_array_equal(layer.blocks[0].attn.attention_bias_idxs, want)
+
+    want = torch_forward(torch_lite_medsam.image_encoder, as_input(nuclei_crop()))
+    err = rel_err(jax_embedding, want)
+    print(f"LiteMedSAM encoder (real weights) rel err {err:.2e}")
+    assert jax_embedding.shape == (1, 64, 64, 256)
+    assert err <= 1e-5
+
+
+def test_full_lite_medsam_matches_pytorch_box_prompt(torch_lite_medsam, golden, jax_lite_medsam):
+    import torch
+
+    np.testing.assert_array_equal(golden["image"], nuclei_crop())
+    np.testing.assert_array_equal(golden["box"], largest_nucleus_box())
+    box = golden["box"]
     with torch.no_grad():
-        img = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        img = torch.from_numpy(as_input(golden["image"])).permute(0, 3, 1, 2).contiguous()
         emb = torch_lite_medsam.image_encoder(img)
         sparse, dense = torch_lite_medsam.prompt_encoder(points=None, boxes=torch.from_numpy(box)[:, None], masks=None)
         low_t, iou_t = torch_lite_medsam.mask_decoder(
@@ -239,9 +253,7 @@ def test_full_lite_medsam_matches_pytorch_box_prompt(torch_lite_medsam, checkpoi
         np.testing.assert_array_equal(torch_lite_medsam(img, box).numpy(), low_t.numpy())  # MedSAMLite.forward
     low_t, iou_t = low_t.permute(0, 2, 3, 1).numpy(), iou_t.numpy()
 
-    graphdef, state = nnx.split(model)
-    run = jax.jit(lambda s, x, b: nnx.merge(graphdef, s)(x, boxes=b, multimask_output=False))
-    low, iou = run(state, preprocess(image[None], "unit"), jnp.asarray(box))
+    low, iou = jax_lite_medsam["low_res_logits"], jax_lite_medsam["iou"]
     errs = {"low_res_logits": rel_err(low, low_t), "iou": rel_err(iou, iou_t)}
     print("LiteMedSAM full model (real weights, box prompt) rel err:", {k: f"{v:.2e}" for k, v in errs.items()})
     assert low.shape == (1, 256, 256, 1) and iou.shape == (1, 1)
@@ -367,9 +379,12 @@ def test_adapters_zero_identity_random_changes_and_counts(lite_medsam_sd, golden
     x = as_input(golden["image"])
     rng = np.random.default_rng(0)
     zero = loaded_model(cfg, {**enc, **_adapter_weights(shapes, rng, zero_fc2=True)}, adapters=True)
-    got = jax_forward(zero, x)
-    print(f"zero-output adapters: max |diff| {np.abs(got - jax_embedding).max():.1e}")
-    np.testing.assert_array_equal(got, jax_embedding)
+    # Zero up-projections add exact zeros; the reference embedding comes from the full-model
+    # program, which XLA fuses differently, hence the float32 parity bound, not equality
+    # (measured about 1.6e-6; random adapters move it by about 1e-1).
+    unchanged = rel_err(jax_forward(zero, x), jax_embedding)
+    print(f"zero-output adapters change the embedding by rel {unchanged:.2e}")
+    assert unchanged <= 1e-5
 
     rand = loaded_model(cfg, {**enc, **_adapter_weights(shapes, rng, zero_fc2=False)}, adapters=True)
     changed = rel_err(jax_forward(rand, x), jax_embedding)
@@ -390,6 +405,7 @@ def test_adapter_zero_init_flag_zeroes_only_the_up_projection():
         assert all(not np.any(v) for v in fc2) == zero_init
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close(lite_medsam_sd, golden, jax_embedding):
     model = loaded_model(TINY_VIT_PRESETS["lite_medsam"], encoder_state(lite_medsam_sd), dtype=jnp.bfloat16)
     got = jax_forward(model, as_input(golden["image"]))
@@ -399,26 +415,36 @@ def test_bfloat16_compute_stays_close(lite_medsam_sd, golden, jax_embedding):
     assert err < 5e-2
 
 
-def test_lite_medsam_encoder_golden(lite_medsam_sd, golden, jax_embedding):
+def test_lite_medsam_golden(lite_medsam_sd, golden, jax_lite_medsam):
     """Runs without torch: real checkpoint through the safe reader vs stored PyTorch outputs."""
     assert infer_tiny_vit_config({k: v.shape for k, v in lite_medsam_sd.items()}) == TINY_VIT_PRESETS["lite_medsam"]
-    for name, part in (("channels", jax_embedding[0, :, :, ::16]), ("mean", jax_embedding[0].mean(-1))):
-        err = rel_err(part, golden[name])
+    emb = jax_lite_medsam["embedding"]
+    for name, got in (("channels", emb[0, :, :, ::16]), ("mean", emb[0].mean(-1)),
+                      ("low_res_logits", jax_lite_medsam["low_res_logits"]), ("iou", jax_lite_medsam["iou"])):
+        err = rel_err(got, golden[name])
         print(f"golden {name} rel err {err:.2e}")
         assert err <= 1e-5
 
 
 def write_goldens(root: Path):
-    """PyTorch outputs of the real LiteMedSAM encoder on the nuclei crop (kept < 1 MB)."""
+    """PyTorch outputs of the real LiteMedSAM on the nuclei crop and box (kept < 1 MB)."""
     import torch
 
     modeling = load_lite_medsam_reference(root)
     net = modeling.build_lite_medsam()
     net.load_state_dict(torch.load(fetch(LITE_MEDSAM), map_location="cpu", weights_only=True), strict=True)
     net.eval()
-    image = nuclei_crop()
-    emb = torch_forward(net.image_encoder, as_input(image))
-    np.savez_compressed(GOLDEN, image=image, channels=emb[0, :, :, ::16], mean=emb[0].mean(-1))
+    image, box = nuclei_crop(), largest_nucleus_box()
+    with torch.no_grad():
+        img = torch.from_numpy(as_input(image)).permute(0, 3, 1, 2).contiguous()
+        emb = net.image_encoder(img)
+        sparse, dense = net.prompt_encoder(points=None, boxes=torch.from_numpy(box)[:, None], masks=None)
+        low, iou = net.mask_decoder(image_embeddings=emb, image_pe=net.prompt_encoder.get_dense_pe(),
+                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                    multimask_output=False)
+    emb = emb.permute(0, 2, 3, 1).numpy()
+    np.savez_compressed(GOLDEN, image=image, box=box, channels=emb[0, :, :, ::16], mean=emb[0].mean(-1),
+                        low_res_logits=low.permute(0, 2, 3, 1).numpy(), iou=iou.numpy())
 
 
 if __name__ == "__main__":
