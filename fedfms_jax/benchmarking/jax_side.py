@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from fedfms_jax.benchmarking import flops as flops_lib
-from fedfms_jax.benchmarking.stats import Stopwatch, time_repeated
+from fedfms_jax.benchmarking.stats import Stopwatch, progress, time_repeated
 from fedfms_jax.federated import aggregate, comm
 from fedfms_jax.federated import mesh as mesh_lib
 from fedfms_jax.federated.client import make_train_step
@@ -113,19 +113,23 @@ class JaxRound:
 
     def __init__(self, cfg, dtype_name: str, batches: dict, weights: np.ndarray):
         self.cfg, self.dtype_name, self.host_batches, self.weights = cfg, dtype_name, batches, weights
+        progress(f"JAX: building {cfg.method} {cfg.variant} @ {cfg.image_size} ({dtype_name})")
         model, forward, _ = build_model(cfg, dtype_name)
         self.engine = engine = FederatedEngine(
             model, cfg.method, forward=forward,
             client_optimizer=optax.adam(1e-4, b1=0.9, b2=0.999),
             server_optimizer="fedavg", loss="bce", pos_weight=2.0)
         del model
+        progress(f"JAX: counting FLOPs of one local step ({cfg.flops})")
         self.flops_step, self.flops_source, self.matmul_step = step_flops(engine, batches, cfg.flops)
+        progress("JAX: compiling the round")
         state = engine.init(cfg.clients)
         args = _round_args(engine, state, batches, weights)
         with Stopwatch() as sw:
             self.compiled = engine._round_jit.lower(*args).compile()
         self.compile_s = sw.seconds
         _check_host_memory(self.compiled)
+        progress(f"JAX: round compiled in {self.compile_s:.1f} s")
         self.fixed = args[1:3]
         self.w_p = args[4:]
         self.state, self.batches, self.metrics = state, args[3], None
@@ -168,6 +172,7 @@ class JaxRound:
             "loss": float(np.mean(metrics["loss"])),
         }
         if cfg.eval:
+            progress("JAX: evaluation forward")
             out.update(_bench_eval(cfg, engine, state, self.host_batches))
         return out
 

@@ -73,8 +73,9 @@ def time_alternating(fns: list[Callable[[], object]], *, warmup: int, repeats: l
                      interleave: bool = True) -> list[Timing]:
     """Time several callables; with `interleave` their repetitions alternate (A, B, A, B...)
     so that each sees the same background load on a shared machine."""
-    for fn in fns:
-        for _ in range(warmup):
+    for i, fn in enumerate(fns):
+        for w in range(warmup):
+            progress(f"warm-up {w + 1}/{warmup} of part {i + 1}/{len(fns)}")
             fn()
 
     def once(fn) -> float:
@@ -88,7 +89,17 @@ def time_alternating(fns: list[Callable[[], object]], *, warmup: int, repeats: l
             for i, fn in enumerate(fns):
                 if r < repeats[i]:
                     samples[i].append(once(fn))
+                    progress(f"part {i + 1}/{len(fns)} repetition {r + 1}: {samples[i][-1]:.2f} s")
     else:
         for i, fn in enumerate(fns):
-            samples[i] = [once(fn) for _ in range(repeats[i])]
+            for r in range(repeats[i]):
+                samples[i].append(once(fn))
+                progress(f"part {i + 1}/{len(fns)} repetition {r + 1}: {samples[i][-1]:.2f} s")
     return [Timing(tuple(s)) for s in samples]
+
+
+def progress(message: str) -> None:
+    """One timestamped line on stderr per phase, so a long run can be followed."""
+    import sys
+
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import torch
 
-from fedfms_jax.benchmarking.stats import time_repeated
+from fedfms_jax.benchmarking.stats import progress, time_repeated
 from fedfms_jax.reference.torch_fedfms_decoder import build_torch_fedfms_sam
 from fedfms_jax.reference.torch_original_round import OriginalStyleFederation
 
@@ -66,6 +66,7 @@ class TorchRound:
         torch.set_num_threads(self.threads)
         torch.manual_seed(cfg.seed)
         self.device = torch_device()
+        progress(f"PyTorch: building the original's model ({self.threads} threads, {self.device})")
         model = build_torch_model(cfg).to(self.device)
         # [steps, clients, B, H, W, 3] uint8 -> [steps, clients, B, 3, H, W] float / 255.
         img = torch.from_numpy(np.ascontiguousarray(batches["image"].transpose(0, 1, 2, 5, 3, 4)))
@@ -100,6 +101,7 @@ class TorchRound:
             "loss": self.loss,
         }
         if cfg.eval:
+            progress("PyTorch: evaluation forward")
             eval_images = self.images[0].reshape(-1, *self.images.shape[3:])
             ev = time_repeated(lambda: self.fed.evaluate(eval_images), warmup=1,
                                repeats=max(min(cfg.repeats, 3), 1))
