@@ -9,11 +9,20 @@ statistics (always, also under `model.train()`), LayerNorms use eps 1e-5 (PyTorc
 default) inside blocks and 1e-6 in the neck, GELU is exact.
 
 MSA adapters (`adapters=True`) are placed as Medical-SAM-Adapter's `TinyViTAdapterBlock`
-does: `Space_Adapter` (with skip) maps the attention output before the residual add;
-`MLP_Adapter` (no skip, scale 0.5) runs parallel to the MLP on the block input after
-the local conv (TinyViT's `Mlp` carries its own LayerNorm, so the adapter sees the
-un-normalized tokens); `Depth_Adapter` exists for checkpoint compatibility and is used
-only by 3-D inputs, which this port does not implement. Hidden width is dim/4.
+does, in every attention block (not in the convolutional stage 0):
+  x = x + Space_Adapter(attn(x))                      (Space: with skip)
+  x = local_conv(x)
+  x = x + mlp(x) + 0.5 * MLP_Adapter(x)               (MLP: no skip, parallel to the MLP)
+TinyViT's `Mlp` carries its own LayerNorm, so the MLP adapter sees the un-normalized
+tokens, as in the original. `Depth_Adapter` is created for checkpoint compatibility and
+is used only by the original's 3-D branch, which this port does not implement. Hidden
+width dim/4. One deliberate difference: the original skips the Space adapter when the
+feature map is exactly one window (H == W == window); here it applies in both paths
+(the presets never take that path at their input size).
+
+PyTorch's `attention_bias_idxs` is a non-persistent buffer (absent from checkpoints and
+fully determined by the window), so it is a trace-time constant here, exposed under
+the same name as a read-only property rather than a state variable.
 """
 from __future__ import annotations
 
