@@ -197,3 +197,21 @@ def exported_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     for key, entry in carried.items():
         out.setdefault(key, _carried_value(entry))
     return out
+
+
+def trained_state_dict(workdir: str | os.PathLike, round_: int | None = None) -> dict[str, np.ndarray]:
+    """The global model of a training work dir (config.json + checkpoints; latest round
+    unless `round_`) as a PyTorch state dict."""
+    from flax import nnx
+
+    from fedfms_jax.cli_errors import UsageError
+    from fedfms_jax.models.torch_state import export_state_dict
+    from fedfms_jax.run_state import restore_run
+
+    try:
+        run = restore_run(Path(workdir), round_)
+    except UsageError as e:
+        raise CheckpointError(str(e)) from None
+    eng = run.engine
+    model = nnx.merge(eng.graphdef, eng.partition.merge(run.global_trainable(), eng.frozen), eng.rest)
+    return {k: np.asarray(v, order="C") for k, v in export_state_dict(model).items() if k not in NON_PERSISTENT}
