@@ -31,6 +31,12 @@ def stub_torchvision():
         sys.modules["torchvision"] = tv
         sys.modules["torchvision.transforms"] = tv.transforms
         sys.modules["torchvision.transforms.functional"] = tv.transforms.functional
+        tv.ops = types.ModuleType("torchvision.ops")
+        tv.ops.boxes = types.ModuleType("torchvision.ops.boxes")
+        tv.ops.boxes.batched_nms = None
+        tv.ops.boxes.box_area = None
+        sys.modules["torchvision.ops"] = tv.ops
+        sys.modules["torchvision.ops.boxes"] = tv.ops.boxes
 
 
 @pytest.fixture(scope="session")
