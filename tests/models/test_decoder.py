@@ -13,7 +13,6 @@ stub_torchvision()
 # Installs stand-ins for the torchvision modules segment_anything imports but never uses.
 pytest.importorskip("fedfms_jax.reference.torch_fedfms_decoder")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
