@@ -47,7 +47,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.eval = True             # also time evaluation (forward only) images/s
     c.torch = True            # run the PyTorch original-style reference too
     c.torch_repeats = -1      # -1: same as repeats
-    c.torch_persistent = True # the original: one model + Adam per client kept across rounds
+    c.persistent_clients = True  # the original: each client keeps its Adam state across rounds
+                              # (PyTorch: one model + Adam per client); false: fresh each round
     c.interleave = True       # alternate JAX and PyTorch repetitions (fair under shared load)
     c.threads = 0             # CPU threads for torch (0: all cores, like XLA)
     c.flops = "xla"           # xla: XLA cost analysis of one compiled local step | jaxpr: count

@@ -74,8 +74,8 @@ class TorchRound:
         lab = torch.from_numpy(np.ascontiguousarray(batches["mask"].transpose(0, 1, 2, 5, 3, 4)))
         self.labels = lab.to(self.device).float()
         self.fed = OriginalStyleFederation(model, method=cfg.method, weights=weights.tolist(),
-                                           persistent=cfg.torch_persistent)
-        if cfg.torch_persistent:
+                                           persistent=cfg.persistent_clients)
+        if cfg.persistent_clients:
             self.fed.global_model = None  # each client holds its own copy; drop the extra one
         del model
         self.round_timings: list[dict] = []
@@ -91,7 +91,7 @@ class TorchRound:
         out = {
             "threads": self.threads,
             "device": self.device,
-            "persistent_clients": cfg.torch_persistent,
+            "persistent_clients": cfg.persistent_clients,
             "round": timing.as_dict(),
             "images_per_s": imgs_round / timing.median,
             "step_s": timing.median / (cfg.steps * cfg.clients),
