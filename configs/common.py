@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
         encoder="vit_b", tiny_vit="", adapters=True, adapter_zero_init=False,
         prompt_free=True, pixel_norm="unit", dtype="float32"))
     c.partition = ""           # trainable-parameter preset ("" = same as method)
-    c.init_from = "random"     # random | lite_medsam | a weights_convert / training work dir
+    c.init_from = "random"     # random | lite_medsam | a weights_convert directory
+    c.cache_embeddings = False # frozen encoder only: embed each image once, train the decoder on it
     # --- optimisation (the original: Adam 1e-4, BCEWithLogits pos_weight 2, FedAvg)
     c.rounds = 100
     c.local_epochs = 1
@@ -68,7 +69,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_eval_images = 0      # 0 = all; >0 caps images per site (quick runs)
     c.num_overlays = 4
     c.checkpoint_keep = 3
-    c.tensorboard = False
     c.seed = 0
     c.tiny = False
     return c

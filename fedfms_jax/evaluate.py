@@ -65,7 +65,7 @@ def evaluate_source(step, params, source, *, num_classes: int, batch_size: int, 
         room = num_keep - len(kept["image"])
         if room > 0:
             take = min(room, len(chunk))
-            kept["image"] += list(images[:take])
+            kept["image"] += [np.asarray(e.get("pixels", e["image"])) for e in exs[:take]]
             kept["mask"] += list(masks[:take])
             kept["logits"] += list(np.asarray(logits[:take]))
     return acc.result(), kept

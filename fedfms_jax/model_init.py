@@ -55,18 +55,33 @@ def build_model(cfg: dict, *, seed: int | None = None):
     if init not in ("random", "lite_medsam"):
         check_weights_dir(Path(init))
     scfg = sam_config(cfg)
-    try:
-        model = build_sam(scfg, rngs=nnx.Rngs(cfg["seed"] if seed is None else seed))
-    except (ValueError, AssertionError) as exc:
-        raise UsageError(f"cannot build the model: {exc}") from None
+    seed = cfg["seed"] if seed is None else seed
     info = {"init_from": init}
+
+    def make(abstract: bool):
+        try:
+            if abstract:  # shapes only: every value will come from the weights
+                return nnx.eval_shape(lambda: build_sam(scfg, rngs=nnx.Rngs(seed)))
+            return build_sam(scfg, rngs=nnx.Rngs(seed))
+        except (ValueError, AssertionError) as exc:
+            raise UsageError(f"cannot build the model: {exc}") from None
+
+    if init == "random":
+        return scfg, make(False), info
     if init == "lite_medsam":
         from fedfms_jax.data.assets import LITE_MEDSAM, fetch
         from weights_convert.pth import load_pth
-        state_dict = load_pth(fetch(LITE_MEDSAM))
-        info.update(_load_into(model, state_dict, "LiteMedSAM weights"))
-    elif init != "random":
-        info.update(load_weights_dir(model, Path(init)))
+        state_dict, what = load_pth(fetch(LITE_MEDSAM)), "LiteMedSAM weights"
+    else:
+        state_dict, what = read_weights_dir(Path(init)), f"weights in {init}"
+    # Building only shapes and filling them from the weights is ~10x faster than a real
+    # init; when the weights lack some leaves (adapters, seg1) those need a real init.
+    model = make(True)
+    report = _load_into(model, state_dict, what)
+    if report["kept_init"]:
+        model = make(False)
+        report = _load_into(model, state_dict, what)
+    info.update(report)
     return scfg, model, info
 
 
@@ -77,8 +92,8 @@ def check_weights_dir(path: Path) -> None:
         raise UsageError(f"init_from: {path} has no model.json (expected a weights_convert output)")
 
 
-def load_weights_dir(model, path: Path) -> dict:
-    """Copy a weights_convert directory's weights into `model` (same variant required)."""
+def read_weights_dir(path: Path) -> dict:
+    """A weights_convert directory's weights as a PyTorch-layout state dict."""
     from fedfms_jax.models.torch_state import export_state_dict
     from weights_convert.store import load_model
     check_weights_dir(path)
@@ -86,7 +101,7 @@ def load_weights_dir(model, path: Path) -> dict:
         _, src = load_model(path)
     except Exception as exc:  # unreadable or inconsistent files
         raise UsageError(f"cannot read weights in {path}: {' '.join(str(exc).split())[:300]}") from None
-    return _load_into(model, export_state_dict(src), f"weights in {path}")
+    return export_state_dict(src)
 
 
 def _load_into(model, state_dict, what: str) -> dict:
@@ -108,11 +123,19 @@ def describe_weights_dir(path: Path) -> dict:
         return {}
 
 
-def make_forward(pixel_norm: str):
-    """forward(model, images uint8 [B,H,W,3], boxes=None, points=None) -> logits [B,h,w,K]."""
+def make_forward(pixel_norm: str, *, from_embeddings: bool = False):
+    """forward(model, images uint8 [B,H,W,3], boxes=None, points=None) -> logits [B,h,w,K].
+
+    from_embeddings: the input is already the frozen encoder's embedding [B,h',w',C]
+    (see embedding_cache) and only the prompt encoder and mask decoder run.
+    """
     from fedfms_jax.models.sam import preprocess
 
     def forward(model, images, boxes=None, points=None):
+        if from_embeddings:
+            logits, _ = model.decode(images, points=points, boxes=boxes, mask_inputs=None,
+                                     multimask_output=False)
+            return logits
         x = preprocess(images, pixel_norm)
         logits, _ = model(x, points=points, boxes=boxes, mask_inputs=None, multimask_output=False)
         return logits

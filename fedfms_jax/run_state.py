@@ -23,6 +23,14 @@ from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.cli_errors import UsageError
 
 
+def enable_compilation_cache() -> None:
+    """Persist compiled programs across runs (a resumed run does not compile again)."""
+    if not jax.config.jax_compilation_cache_dir:
+        from fedfms_jax.data.assets import cache_dir
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 # ------------------------------------------------------------------------------ data
 def load_federation(cfg: dict):
     from fedfms_jax.data.federations import get_federation
@@ -90,7 +98,7 @@ def client_optimizer(cfg: dict):
 def make_engine(cfg: dict, model):
     from fedfms_jax.federated.round import FederatedEngine
     from fedfms_jax.federated.server_optim import server_optimizer
-    forward = model_init.make_forward(cfg["model"]["pixel_norm"])
+    forward = model_init.make_forward(cfg["model"]["pixel_norm"], from_embeddings=cfg["cache_embeddings"])
     try:
         server = server_optimizer(cfg["server_optimizer"], lr=cfg["server_lr"])
     except ValueError as exc:
@@ -175,6 +183,10 @@ def build_run(cfg: dict) -> Run:
     clients, _ = client_sources(cfg, fed, train_sites)
     _, model, info = model_init.build_model(cfg)
     engine = make_engine(cfg, model)
+    if cfg["cache_embeddings"]:
+        from fedfms_jax import embedding_cache as ec
+        ec.check_encoder_frozen(engine.partition)
+        fed = ec.EmbeddedFederation(fed, ec.Embedder(model, cfg["model"]["pixel_norm"]))
     info["trainable_params"] = engine.partition.count(True)
     info["frozen_params"] = engine.partition.count(False)
     run = Run(cfg, fed, train_sites, unseen, clients, engine, info)
@@ -185,6 +197,7 @@ def build_run(cfg: dict) -> Run:
 
 def restore_run(workdir: Path, round_: int | None = None) -> Run:
     """A Run rebuilt from a work dir's config.json, its state from checkpoint `round_` (latest)."""
+    enable_compilation_cache()
     cfg = wd.load_config(workdir)
     ckpt_dir = Path(workdir) / wd.CKPT_DIR
     if not ckpt_dir.is_dir():

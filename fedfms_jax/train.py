@@ -80,6 +80,7 @@ def log(msg: str) -> None:
 # ===================================================================================== main
 def main(argv: Sequence[str]) -> int:
     cfg, workdir = parse_config(argv)
+    run_state.enable_compilation_cache()
     path, resuming = wd.prepare(workdir, cfg)  # refuses before anything is written
 
     # ---------------------------------------------------------- data / model / optimizer / mesh

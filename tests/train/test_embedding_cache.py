@@ -1,0 +1,37 @@
+"""Cached frozen-encoder embeddings give the same logits as the full forward."""
+import numpy as np
+import pytest
+from flax import nnx
+
+from fedfms_jax import embedding_cache as ec, model_init
+from fedfms_jax.cli_errors import UsageError
+from fedfms_jax.federated.partition import make_partition
+from fedfms_jax.train import parse_config
+from tests.train.conftest import TINY
+
+
+def _tiny_model(adapters: bool):
+    cfg = parse_config([*TINY, f"--config.model.adapters={adapters}", "--config.model.prompt_free=true"])[0]
+    return cfg, model_init.build_model(cfg)[1]
+
+
+def test_decoder_on_cached_embeddings_matches_full_forward():
+    cfg, model = _tiny_model(adapters=False)
+    rng = np.random.default_rng(0)
+    images = (rng.random((3, 64, 64, 3)) * 255).astype(np.uint8)
+    source = [{"image": im, "mask": np.zeros((16, 16, 1), np.uint8)} for im in images]
+    cached = ec.EmbeddedSource(source, ec.Embedder(model, cfg["model"]["pixel_norm"], batch_size=2))
+    assert len(cached) == 3
+    np.testing.assert_array_equal(cached[1]["pixels"], images[1])
+    full = model_init.make_forward(cfg["model"]["pixel_norm"])(model, images)
+    emb = np.stack([cached[i]["image"] for i in range(3)])
+    dec = model_init.make_forward(cfg["model"]["pixel_norm"], from_embeddings=True)(model, emb)
+    np.testing.assert_allclose(np.asarray(dec), np.asarray(full), rtol=1e-5, atol=1e-5)
+
+
+def test_refused_when_encoder_leaves_train():
+    _, model = _tiny_model(adapters=True)
+    part = make_partition(nnx.state(model, nnx.Param), "fedmsa")
+    with pytest.raises(UsageError, match="frozen image encoder"):
+        ec.check_encoder_frozen(part)
+    ec.check_encoder_frozen(make_partition(nnx.state(model, nnx.Param), "decoder"))
