@@ -21,9 +21,13 @@ def _rel_err(got: dict, ref: dict) -> float:
     return (num / den) ** 0.5
 
 
-def _max_leaf_rel_err(got, ref):
+def _max_leaf_rel_err(got, ref, floor_rms=1e-4):
+    """Worst per-leaf relative error. A leaf whose RMS is below floor_rms (e.g. a zero-init
+    attention key bias: its gradient is mathematically zero, so it holds only round-off
+    noise) is measured against floor_rms instead of against its own noise."""
     return max(
-        float(np.linalg.norm(got[k] - ref[k]) / max(np.linalg.norm(ref[k]), 1e-12)) for k in ref
+        float(np.linalg.norm(got[k] - ref[k])
+              / max(np.linalg.norm(ref[k]), floor_rms * np.sqrt(ref[k].size))) for k in ref
     )
 
 
@@ -116,7 +120,7 @@ def test_client_chunks_and_no_kept_client_params(four_devices):
 # would blow their round-off noise up to lr-sized steps, so these use SGD with momentum
 # (client optimizer state still carried across rounds).
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,sizes,num_devices", [("fedmsa", (5, 2, 3), 4),
+@pytest.mark.parametrize("preset,sizes,num_devices", [("fedmsa", (4, 2, 6), 4),
                                                       ("fedsam", (2, 2, 2, 2), 1)])
 def test_tiny_sam_round_equals_sequential_loop(preset, sizes, num_devices, four_devices):
     from fedfms_jax.federated.round import sam_forward
