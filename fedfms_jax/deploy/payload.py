@@ -1,0 +1,80 @@
+"""Trainable subtree <-> Flower ArrayRecord (one Array per leaf, keyed by its path).
+
+Only the partition's trainable leaves travel (the adapters, prompt encoder and mask
+decoder for FedMSA; everything for FedSAM). Flower 1.42 sends an ArrayRecord as
+content-addressed objects, each Array cut into chunks of at most
+FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE bytes (5 MB) pushed and pulled one request each, so
+a 375 MB FedSAM update never needs a raised gRPC message limit.
+
+Opaque state (a client's optimizer state across rounds) is stored as an ArrayRecord of
+its flattened leaves ("0", "1", ...) and rebuilt against a template tree.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from fedfms_jax.federated.partition import Partition, _get, _nest
+
+
+def to_numpy_leaves(partition: Partition, trainable: Mapping) -> list[np.ndarray]:
+    """Trainable leaves in `trainable_paths` order, as host numpy arrays."""
+    return [np.asarray(jax.device_get(x)) for x in partition.flatten_trainable(trainable)]
+
+
+def tree_to_record(partition: Partition, trainable: Mapping):
+    from flwr.app import Array, ArrayRecord
+    leaves = to_numpy_leaves(partition, trainable)
+    return ArrayRecord({p: Array(x) for p, x in zip(partition.trainable_paths, leaves)})
+
+
+def leaves_to_record(paths: Sequence[str], leaves: Sequence[np.ndarray]):
+    from flwr.app import Array, ArrayRecord
+    return ArrayRecord({p: Array(np.asarray(x)) for p, x in zip(paths, leaves)})
+
+
+def record_to_leaves(partition: Partition, record) -> list[np.ndarray]:
+    """ArrayRecord -> leaves in `trainable_paths` order; checks names, shapes, dtypes."""
+    expected = list(partition.trainable_paths)
+    got = set(record.keys())
+    missing, extra = [p for p in expected if p not in got], sorted(got - set(expected))
+    if missing or extra:
+        raise ValueError(f"payload does not match the trainable subtree: {len(missing)} missing "
+                         f"(first {missing[:3]}), {len(extra)} unexpected (first {extra[:3]})")
+    out = []
+    for p in expected:
+        x = record[p].numpy()
+        i = partition.paths.index(p)
+        if tuple(x.shape) != partition.shapes[i] or np.dtype(x.dtype) != np.dtype(partition.dtypes[i]):
+            raise ValueError(f"payload leaf {p}: {x.dtype}{list(x.shape)}, expected "
+                             f"{np.dtype(partition.dtypes[i])}{list(partition.shapes[i])}")
+        out.append(x)
+    return out
+
+
+def leaves_to_tree(partition: Partition, leaves: Sequence[np.ndarray]) -> dict:
+    return _nest(dict(zip(partition.trainable_paths, leaves)))
+
+
+def record_to_tree(partition: Partition, record) -> dict:
+    return leaves_to_tree(partition, record_to_leaves(partition, record))
+
+
+def opaque_to_record(tree: Any):
+    from flwr.app import Array, ArrayRecord
+    leaves = jax.tree.leaves(tree)
+    return ArrayRecord({str(i): Array(np.asarray(jax.device_get(x))) for i, x in enumerate(leaves)})
+
+
+def record_to_opaque(record, like: Any):
+    """Rebuild a pytree shaped like `like` from opaque_to_record's output."""
+    leaves, treedef = jax.tree.flatten(like)
+    if len(record) != len(leaves):
+        raise ValueError(f"stored state has {len(record)} leaves, expected {len(leaves)}")
+    return jax.tree.unflatten(treedef, [record[str(i)].numpy() for i in range(len(leaves))])
+
+
+def get_leaf(tree: Mapping, path: str):
+    return _get(tree, path)
