@@ -108,6 +108,16 @@ def _train_legacy(msg: Message, context: Context) -> Message:
     return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 
+@app.query("echo")
+def echo(msg: Message, context: Context) -> Message:
+    """Payload check: hash what arrived and send it all back."""
+    from fedfms_jax.deploy.payload import digest
+    record = msg.content.array_records[proto.GLOBAL]
+    leaves = record.to_numpy_ndarrays()
+    info = ConfigRecord({"sha256": digest(leaves), "bytes": int(sum(x.nbytes for x in leaves))})
+    return Message(RecordDict({proto.UPDATE: record, proto.INFO: info}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     conf = msg.content.config_records[proto.CONFIG]

@@ -78,3 +78,31 @@ def record_to_opaque(record, like: Any):
 
 def get_leaf(tree: Mapping, path: str):
     return _get(tree, path)
+
+
+# ----------------------------------------------------------------- payload size check
+def fedsam_payload_spec(encoder: str = "vit_b", image_size: int = 1024, prompt_free: bool = True):
+    """(paths, shapes) of the FedSAM trainable subtree (every parameter) of a SAM, from
+    shapes only (nnx.eval_shape: nothing allocated)."""
+    from flax import nnx
+
+    from fedfms_jax.federated.partition import make_partition
+    from fedfms_jax.models.sam import SamConfig, build_sam
+    cfg = SamConfig(encoder=encoder, image_size=image_size, prompt_free=prompt_free)
+    model = nnx.eval_shape(lambda: build_sam(cfg, rngs=nnx.Rngs(0)))
+    part = make_partition(nnx.state(model, nnx.Param), "fedsam")
+    shapes = [part.shapes[part.paths.index(p)] for p in part.trainable_paths]
+    return list(part.trainable_paths), shapes
+
+
+def random_leaves(shapes, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+
+
+def digest(leaves: Sequence[np.ndarray]) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for x in leaves:
+        h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()

@@ -21,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -209,6 +210,51 @@ class Coordinator:
         log(f"results: {st.path}")
 
 
+def payload_check(grid: Grid, context: Context) -> None:
+    """Send a FedSAM-sized trainable subtree to one node and get it back; writes
+    <workdir>/payload.json (sizes, hashes, seconds each way together)."""
+    from fedfms_jax.deploy import payload as pl
+    workdir = Path(str(context.run_config.get("workdir", "runs/flower")))
+    workdir.mkdir(parents=True, exist_ok=True)
+    encoder = str(context.run_config.get("payload-encoder", "vit_b"))
+    paths, shapes = pl.fedsam_payload_spec(encoder)
+    leaves = pl.random_leaves(shapes)
+    sent = pl.digest(leaves)
+    nbytes = int(sum(x.nbytes for x in leaves))
+    record = pl.leaves_to_record(paths, leaves)
+    del leaves
+    deadline = time.time() + float(context.run_config.get("wait-nodes-timeout", 600.0))
+    while not list(grid.get_node_ids()):
+        if time.time() > deadline:
+            raise TimeoutError("no SuperNode connected")
+        time.sleep(0.5)
+    node = sorted(grid.get_node_ids())[0]
+    t0 = time.time()
+    msg = Message(RecordDict({proto.GLOBAL: record}), dst_node_id=node, message_type="query.echo", group_id="0")
+    replies = list(grid.send_and_receive([msg], timeout=float(context.run_config.get("round-timeout", 600.0))))
+    dt = time.time() - t0
+    out = {"encoder": encoder, "leaves": len(paths), "params": int(sum(int(np.prod(s)) for s in shapes)),
+           "bytes": nbytes, "sent_sha256": sent, "seconds_round_trip": round(dt, 2),
+           "max_array_chunk_bytes": _chunk_size()}
+    if replies and not replies[0].has_error():
+        r = replies[0]
+        back = r.content.array_records[proto.UPDATE].to_numpy_ndarrays()
+        out.update(node_sha256=str(r.content.config_records[proto.INFO]["sha256"]),
+                   node_bytes=int(r.content.config_records[proto.INFO]["bytes"]),
+                   returned_sha256=pl.digest(back), returned_bytes=int(sum(x.nbytes for x in back)))
+    else:
+        out["error"] = replies[0].error.reason if replies else "no reply"
+    (workdir / "payload.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def _chunk_size() -> int:
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+    return int(FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    if bool(context.run_config.get("payload-check", False)):
+        payload_check(grid, context)
+        return
     Coordinator(grid, context).run()

@@ -143,3 +143,29 @@ class Timer:
 
     def __call__(self) -> float:
         return time.time() - self.t0
+
+
+def read_global(workdir: Path, round_: int | None = None) -> dict[str, np.ndarray]:
+    """Global trainable leaves {slash path: array} of a deployed run's checkpoint (latest
+    round unless `round_`), read without rebuilding the model."""
+    import orbax.checkpoint as ocp
+    ckpt = Checkpointer(Path(workdir) / wd.CKPT_DIR)
+    try:
+        step = ckpt.latest_round() if round_ is None else round_
+        if step is None:
+            raise FileNotFoundError(f"{workdir} has no checkpoint")
+        out = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    finally:
+        ckpt.close()
+    flat = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+        else:
+            flat[prefix] = np.asarray(node)
+
+    walk(out["state"]["global"], "")
+    return flat

@@ -116,10 +116,17 @@ class LocalFederation:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
         return out
 
-    def run_app(self, run_config: dict, timeout: float, wait_for: Path) -> None:
-        """`flwr run` the app and wait until `wait_for` (results.json) appears."""
+    def submit(self, run_config: dict) -> None:
+        """`flwr run` the app (returns once the SuperLink has the run)."""
         items = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
         self.flwr(["run", str(APP_DIR), "hospitals", "--run-config", items], timeout=120)
+
+    def run_app(self, run_config: dict, timeout: float, wait_for: Path) -> None:
+        """`flwr run` the app and wait until `wait_for` (results.json) appears."""
+        self.submit(run_config)
+        self.wait_file(wait_for, timeout)
+
+    def wait_file(self, wait_for: Path, timeout: float) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if wait_for.exists():
