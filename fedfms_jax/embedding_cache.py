@@ -7,9 +7,14 @@ example's image is replaced by its embedding [h,w,C] (float32) the first time a 
 data is used; the training forward then runs only the prompt encoder and mask decoder.
 The result is the same function as running the encoder every step (no augmentation is
 applied in training, so the encoder sees identical inputs). The original uint8 image is
-kept as "pixels" for the overlays.
+kept as "pixels" for the overlays. Embeddings are also stored on disk under the asset
+cache, keyed by a hash of the encoder weights and of the images, so a rerun or a resumed
+run does not embed again.
 """
 from __future__ import annotations
+
+import hashlib
+import os
 
 import jax
 import numpy as np
@@ -34,12 +39,40 @@ class Embedder:
         graphdef, state = nnx.split(model)
         self.state = state
         self.batch_size = batch_size
+        digest = hashlib.sha256(pixel_norm.encode())
+        for leaf in jax.tree.leaves(nnx.state(model.image_encoder)):
+            digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+        self.weights_key = digest.hexdigest()[:24]
 
         @jax.jit
         def embed(state, images):
             return nnx.merge(graphdef, state).embed(preprocess(images, pixel_norm))
 
         self._embed = embed
+
+    def cached(self, images: np.ndarray) -> np.ndarray:
+        """Embeddings of `images`, from the disk cache when the same weights saw them before."""
+        from fedfms_jax.data.assets import cache_dir
+        digest = hashlib.sha256(self.weights_key.encode())
+        digest.update(np.ascontiguousarray(images).tobytes())
+        path = cache_dir() / "embeddings" / f"{digest.hexdigest()[:32]}.npy"
+        if path.exists():
+            try:
+                emb = np.load(path, allow_pickle=False)
+                if emb.shape[0] == len(images):
+                    return emb
+            except (OSError, ValueError):
+                pass
+        emb = self(images)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, emb)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs time
+        return emb
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         out = []
@@ -64,7 +97,7 @@ class EmbeddedSource:
     def _load(self):
         if self._items is None:
             exs = [self.source[i] for i in range(len(self.source))]
-            emb = self.embedder(np.stack([np.asarray(e["image"]) for e in exs])) if exs else []
+            emb = self.embedder.cached(np.stack([np.asarray(e["image"]) for e in exs])) if exs else []
             self._items = [dict(e, pixels=np.asarray(e["image"]), image=emb[i]) for i, e in enumerate(exs)]
         return self._items
 

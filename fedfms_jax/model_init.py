@@ -123,21 +123,27 @@ def describe_weights_dir(path: Path) -> dict:
         return {}
 
 
-def make_forward(pixel_norm: str, *, from_embeddings: bool = False):
+def make_forward(pixel_norm: str, *, from_embeddings: bool = False, mask_size: int | None = None):
     """forward(model, images uint8 [B,H,W,3], boxes=None, points=None) -> logits [B,h,w,K].
 
     from_embeddings: the input is already the frozen encoder's embedding [B,h',w',C]
     (see embedding_cache) and only the prompt encoder and mask decoder run.
+    mask_size: the masks' side (image_size / 4). Decoders whose logits come out at
+    another size (LiteMedSAM's are at the full 256 px) are resized (area-weighted) to it.
     """
+    import jax
     from fedfms_jax.models.sam import preprocess
 
     def forward(model, images, boxes=None, points=None):
         if from_embeddings:
             logits, _ = model.decode(images, points=points, boxes=boxes, mask_inputs=None,
                                      multimask_output=False)
-            return logits
-        x = preprocess(images, pixel_norm)
-        logits, _ = model(x, points=points, boxes=boxes, mask_inputs=None, multimask_output=False)
+        else:
+            x = preprocess(images, pixel_norm)
+            logits, _ = model(x, points=points, boxes=boxes, mask_inputs=None, multimask_output=False)
+        if mask_size is not None and logits.shape[1] != mask_size:
+            b, _, _, k = logits.shape
+            logits = jax.image.resize(logits, (b, mask_size, mask_size, k), "linear", antialias=True)
         return logits
 
     return forward

@@ -98,7 +98,8 @@ def client_optimizer(cfg: dict):
 def make_engine(cfg: dict, model):
     from fedfms_jax.federated.round import FederatedEngine
     from fedfms_jax.federated.server_optim import server_optimizer
-    forward = model_init.make_forward(cfg["model"]["pixel_norm"], from_embeddings=cfg["cache_embeddings"])
+    forward = model_init.make_forward(cfg["model"]["pixel_norm"], from_embeddings=cfg["cache_embeddings"],
+                                      mask_size=cfg["image_size"] // 4)
     try:
         server = server_optimizer(cfg["server_optimizer"], lr=cfg["server_lr"])
     except ValueError as exc:
