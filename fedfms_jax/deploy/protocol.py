@@ -27,6 +27,7 @@ DEPLOY_OPTIONS: dict[str, tuple[str, Any]] = {
     "dp-clip": ("dp_clip", 0.0),
     "dp-noise-multiplier": ("dp_noise_multiplier", 0.0),
     "dp-delta": ("dp_delta", 1e-5),
+    "evaluate": ("evaluate", True),
     "min-nodes": ("min_nodes", 1),
     "round-timeout": ("round_timeout", 600.0),
     "wait-nodes-timeout": ("wait_nodes_timeout", 600.0),

@@ -7,8 +7,8 @@ Run config keys (the app's [tool.flwr.app.config], overridable with --run-config
   overrides   space-separated field=value config overrides ("rounds=50 lr=1e-4")
   workdir     where metrics.jsonl, results.json and the orbax checkpoints go; the same
               workdir resumes after a server restart (a different config is refused)
-  plus the deployment options of `protocol.DEPLOY_OPTIONS` (secagg, dp-*, min-nodes,
-  round-timeout, wait-nodes-timeout).
+  plus the deployment options of `protocol.DEPLOY_OPTIONS` (secagg, dp-*, evaluate,
+  min-nodes, round-timeout, wait-nodes-timeout).
 
 Each round: ask new nodes who they are (query), send the global trainable leaves to the
 nodes of training sites (train), aggregate the updates that arrive within round-timeout
@@ -177,7 +177,7 @@ class Coordinator:
         self.wait_for_nodes()
         records = st.records()
         dp = proto.dp_config(cfg)
-        if 0 not in records:
+        if 0 not in records and self.opts["evaluate"]:
             self.refresh_nodes(0)
             ev = self.evaluate(0)
             st.log_round({"round": 0, "eval": ev, "seconds": 0.0})
@@ -195,7 +195,7 @@ class Coordinator:
                       "train_seconds": round(st.train_seconds, 3), "secagg": bool(self.opts["secagg"])}
             if dp.enabled:
                 record["dp"] = dp_lib.budget_record(dp, r)
-            if r % cfg["eval_every"] == 0 or r == cfg["rounds"]:
+            if self.opts["evaluate"] and (r % cfg["eval_every"] == 0 or r == cfg["rounds"]):
                 record["eval"] = self.evaluate(r)
             st.log_round(record)  # before the checkpoint: a restart in between redoes this round
             st.save({"sites": sorted(per_client)})

@@ -27,7 +27,7 @@ CONFIG = "configs/synthetic.py:tiny=true"
 OVERRIDES = "synthetic_sites=3 no_unseen=true eval_every=2"
 ARGV = ["--config", str(REPO / "configs" / "synthetic.py") + ":tiny=true",
         "--config.synthetic_sites=3", "--config.no_unseen=true", "--config.eval_every=2"]
-RUN_TIMEOUT = 420
+RUN_TIMEOUT = 900  # the machine running the suite may be shared and slow
 
 
 def rel_err(got: dict, ref: dict) -> float:
@@ -109,7 +109,7 @@ def test_tls_run_equals_simulation(federation, simulation):
 def test_secagg_run_equals_simulation(federation, simulation):
     from fedfms_jax.deploy.server_state import read_global
     wd = federation.root / "secagg"
-    federation.run_app(_run_config(wd, secagg=True), RUN_TIMEOUT, wd / "results.json")
+    federation.run_app(_run_config(wd, secagg=True, evaluate=False), RUN_TIMEOUT, wd / "results.json")
     err = rel_err(read_global(wd), simulation[2])
     assert err <= 1e-5, err
     recs = _records(wd)
@@ -121,7 +121,7 @@ def test_supernode_killed_mid_round(federation, simulation):
     wd = federation.root / "killed"
     log = federation.logs["supernode_2"]
     seen = log.read_text(errors="replace").count("Receiving: train message")
-    federation.submit(_run_config(wd, **{"round-timeout": 90.0}))
+    federation.submit(_run_config(wd, evaluate=False, **{"round-timeout": 150.0}))
     deadline = time.time() + RUN_TIMEOUT
     while log.read_text(errors="replace").count("Receiving: train message") <= seen:
         assert time.time() < deadline, federation.tail("supernode_2")
