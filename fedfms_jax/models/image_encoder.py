@@ -352,6 +352,8 @@ class ImageEncoderViT(nnx.Module):
     pad_before_norm1: reproduce the MSA/FedFMS original, which zero-pads windows before
         norm1 (padded tokens enter attention as norm1.bias). Default False follows
         official SAM (normalise, then zero-pad).
+    remat: recompute each block's activations in the backward pass instead of keeping
+        them (global-attention maps dominate training memory at 1024 input).
     depth_chunk (call): treat the batch as consecutive chunks of `depth_chunk` slices of a
         volume and add the MSA Depth branch (requires adapters). None: 2-D input.
     """
@@ -364,11 +366,13 @@ class ImageEncoderViT(nnx.Module):
         adapters: bool = False,
         adapter_zero_init: bool = False,
         pad_before_norm1: bool = False,
+        remat: bool = False,
         in_chans: int = 3,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
+        self.remat = remat
         self.img_size = img_size
         self.adapters = adapters
         self.dtype = dtype
@@ -414,8 +418,11 @@ class ImageEncoderViT(nnx.Module):
                 "model for this img_size and convert pos_embed with resize_pos_embed"
             )
         x = x + pos  # float32 residual stream
+        run_block = lambda blk, x: blk(x, depth_chunk)  # noqa: E731
+        if self.remat:
+            run_block = nnx.remat(run_block)
         for blk in self.blocks:
-            x = blk(x, depth_chunk)
+            x = run_block(blk, x)
         for layer in self.neck:
             x = layer(x)
         return x

@@ -44,6 +44,7 @@ class SamConfig:
         the FedFMS original trains with); used by `preprocess`.
     dtype: the image encoder's compute dtype, "float32" or "bfloat16" (parameters stay
         float32).
+    remat: ViT only; recompute encoder blocks in the backward pass to fit larger batches.
     decoder_dtype: matmul dtype of the prompt encoder and mask decoder. float32 by
         default: they are under 1% of the FLOPs at 1024 input and in bfloat16 they add
         about as much logit error as the whole encoder does.
@@ -62,6 +63,7 @@ class SamConfig:
     tiny_vit: Union[TinyViTConfig, str, None] = None
     pad_before_norm1: bool = False
     decoder_dtype: str = "float32"
+    remat: bool = False
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -151,6 +153,7 @@ class Sam(nnx.Module):
             self.image_encoder = ImageEncoderViT(
                 VIT_CONFIGS[cfg.encoder], cfg.image_size, adapters=cfg.adapters,
                 adapter_zero_init=cfg.adapter_zero_init, pad_before_norm1=cfg.pad_before_norm1,
+                remat=cfg.remat,
                 dtype=dt, rngs=rngs)
         c, g = cfg.embed_dim, cfg.embedding_size
         dt = DTYPES[cfg.decoder_dtype]
