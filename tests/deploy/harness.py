@@ -71,8 +71,8 @@ class LocalFederation:
         argv = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.certs["ca"]),
                 "--ssl-certfile", str(self.certs["cert"]), "--ssl-keyfile", str(self.certs["key"]),
                 "--host", "127.0.0.1", "--port", str(self.port),
-                "--disable-runtime-dependency-installation",
-                "--database", str(self.root / "superlink.db")]
+                "--disable-runtime-dependency-installation"]
+        # In-memory state: a file database hit "database is locked" on a loaded machine.
         if self.auth:
             argv.append("--enable-supernode-auth")
         self._start("superlink", argv)
