@@ -24,7 +24,7 @@ def snapshot(path: Path) -> dict:
     return out
 
 
-def run_module(module: str, args, env_extra=None, timeout=300):
+def run_module(module: str, args, env_extra=None, timeout=1800):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env.update(env_extra or {})
