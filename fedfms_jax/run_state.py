@@ -104,6 +104,10 @@ def make_engine(cfg: dict, model):
         server = server_optimizer(cfg["server_optimizer"], lr=cfg["server_lr"])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if cfg["client_loop"] not in ("vmap", "sequential"):
+        raise UsageError(f"client_loop must be vmap or sequential, got {cfg['client_loop']!r}")
+    if cfg["client_loop"] == "sequential" and not (cfg["server_optimizer"] == "fedavg" and cfg["server_lr"] == 1.0):
+        raise UsageError("client_loop=sequential supports plain FedAvg only (server_optimizer=fedavg, server_lr=1)")
     return FederatedEngine(model, cfg["partition"] or cfg["method"], forward=forward,
                            client_optimizer=client_optimizer(cfg), server_optimizer=server,
                            loss="bce", pos_weight=cfg["pos_weight"])
@@ -139,12 +143,19 @@ class Run:
     def local(self) -> bool:
         return self.cfg["mode"] == "local"
 
+    @property
+    def sequential(self) -> bool:
+        """One engine client at a time (state per client), FedAvg done here on the host side."""
+        return self.cfg["client_loop"] == "sequential" and not self.local
+
     def init_state(self):
-        if self.local:
+        if self.local or self.sequential:
             return {s: self.engine.init(1) for s in self.clients}
         return self.engine.init(len(self.clients))
 
     def global_trainable(self, site: str | None = None):
+        if self.sequential:
+            return self.state[self.clients[0]].global_params
         if not self.local:
             return self.state.global_params
         if site in self.state:
