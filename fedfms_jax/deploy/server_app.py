@@ -102,7 +102,9 @@ class Coordinator:
             time.sleep(0.5)
 
     def refresh_nodes(self, round_: int) -> None:
-        """Forget nodes that left; ask new ones which site they are."""
+        """Wait for min-nodes connected nodes; forget nodes that left; ask new ones which
+        site they are (a hospital that dropped out rejoins here)."""
+        self.wait_for_nodes()
         live = set(self.grid.get_node_ids())
         self.nodes = {n: i for n, i in self.nodes.items() if n in live}
         new = sorted(live - set(self.nodes))
