@@ -53,8 +53,8 @@ def make_config(image_size: int, val_fraction: float = 0.1, split_seed: int = 0,
 class FederationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of every federation builder (not registered itself)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Images and masks stored as raw bytes.", "1.0.0": "First release."}
     BUILDER_CONFIGS = [make_config(1024), make_config(256)]
     SITES: tuple[str, ...] = ()  # display names in the original's client order
     NUM_CLASSES = 1
