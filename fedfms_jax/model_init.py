@@ -27,7 +27,8 @@ def sam_config(cfg: dict):
     m = cfg["model"]
     kw = dict(encoder=m["encoder"], image_size=cfg["image_size"], adapters=m["adapters"],
               adapter_zero_init=m["adapter_zero_init"], prompt_free=m["prompt_free"],
-              num_classes=cfg["num_classes"], pixel_norm=m["pixel_norm"], dtype=m["dtype"])
+              num_classes=cfg["num_classes"], pixel_norm=m["pixel_norm"], dtype=m["dtype"],
+              remat=m.get("remat", False))
     if m.get("tiny_vit"):
         kw["tiny_vit"] = m["tiny_vit"]
     try:
