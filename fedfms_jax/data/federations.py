@@ -17,6 +17,7 @@ import numpy as np
 
 from fedfms_jax.data import synthetic
 from fedfms_jax.data.errors import DataError
+from fedfms_jax.data.indexing import normalize_index
 
 
 class Source(Protocol):
@@ -35,11 +36,7 @@ class ConcatSource:
         return int(self._ends[-1]) if len(self._ends) else 0
 
     def __getitem__(self, i: int) -> dict:
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(i)
+        i = normalize_index(i, len(self))
         part = int(np.searchsorted(self._ends, i, side="right"))
         start = 0 if part == 0 else int(self._ends[part - 1])
         return self.parts[part][i - start]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fedfms_jax.data.errors import DataError
+from fedfms_jax.data.indexing import normalize_index
 
 # federation name -> (module, class)
 BUILDERS = {
@@ -44,11 +45,7 @@ class DecodedSource:
         return ex
 
     def __getitem__(self, i: int) -> dict:
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(i)
+        i = normalize_index(i, len(self))
         return self._decode(self.source[i])
 
     def __getitems__(self, indices):
