@@ -5,8 +5,6 @@ The flag must be set before jax is imported anywhere.
 """
 import importlib.util
 import os
-import sys
-import types
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -21,23 +19,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def stub_torchvision():
-    """segment_anything imports torchvision but its model code never uses it;
-    the CPU torch here cannot load PyPI's torchvision, so give it an empty module."""
-    if "torchvision" not in sys.modules:
-        tv = types.ModuleType("torchvision")
-        tv.transforms = types.ModuleType("torchvision.transforms")
-        tv.transforms.functional = types.ModuleType("torchvision.transforms.functional")
-        tv.transforms.functional.resize = None
-        tv.transforms.functional.to_pil_image = None
-        sys.modules["torchvision"] = tv
-        sys.modules["torchvision.transforms"] = tv.transforms
-        sys.modules["torchvision.transforms.functional"] = tv.transforms.functional
-        tv.ops = types.ModuleType("torchvision.ops")
-        tv.ops.boxes = types.ModuleType("torchvision.ops.boxes")
-        tv.ops.boxes.batched_nms = None
-        tv.ops.boxes.box_area = None
-        sys.modules["torchvision.ops"] = tv.ops
-        sys.modules["torchvision.ops.boxes"] = tv.ops.boxes
+    """segment_anything imports torchvision but its model code never uses it; the CPU
+    torch here cannot load PyPI's torchvision. The reference package's stand-ins serve
+    the tests too."""
+    from fedfms_jax.reference.torch_fedfms_decoder import ensure_segment_anything_importable
+
+    ensure_segment_anything_importable()
 
 
 @pytest.fixture(scope="session")

@@ -62,20 +62,9 @@ def _torch():
 
 def _segment_anything_image_encoder():
     """segment_anything.modeling.image_encoder, importable without torchvision."""
-    import types
-
     from tests.conftest import stub_torchvision
 
     stub_torchvision()
-    # segment_anything's package __init__ also imports torchvision.ops.boxes (unused by
-    # the model code); the shared stub does not provide it.
-    if "torchvision.ops" not in sys.modules:
-        ops = types.ModuleType("torchvision.ops")
-        ops.boxes = types.ModuleType("torchvision.ops.boxes")
-        ops.boxes.batched_nms = ops.boxes.box_area = None
-        sys.modules["torchvision"].ops = ops
-        sys.modules["torchvision.ops"] = ops
-        sys.modules["torchvision.ops.boxes"] = ops.boxes
     from segment_anything.modeling import image_encoder
 
     return image_encoder
