@@ -21,6 +21,7 @@ from flax import nnx
 
 from fedfms_jax.models.adapters import Adapter
 from fedfms_jax.models.common import LayerNorm2d, gelu
+from fedfms_jax.models.rel_pos_attention import rel_pos_attention
 
 __all__ = [
     "ViTConfig",
@@ -210,20 +211,11 @@ class Attention(nnx.Module):
         B, H, W, three_dim = qkv.shape
         nh = self.num_heads
         hd = three_dim // 3 // nh
-        qkv = qkv.reshape(B, H * W, 3, nh, hd)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
-        f32 = jnp.float32
-        logits = jnp.einsum("bnhd,bmhd->bhnm", q * self.scale, k, preferred_element_type=f32)
-        # Decomposed relative positions use the unscaled q, as the official code does.
+        q, k, v = qkv.reshape(B, H * W, 3, nh, hd).transpose(2, 0, 3, 1, 4)  # [B, heads, N, hd]
         rh = get_rel_pos(H, H, self.rel_pos_h[...]).astype(q.dtype)  # [H, H, hd]
         rw = get_rel_pos(W, W, self.rel_pos_w[...]).astype(q.dtype)  # [W, W, hd]
-        rq = q.reshape(B, H, W, nh, hd)
-        rel_h = jnp.einsum("bxyhd,xkd->bhxyk", rq, rh, preferred_element_type=f32)
-        rel_w = jnp.einsum("bxyhd,ykd->bhxyk", rq, rw, preferred_element_type=f32)
-        logits = logits.reshape(B, nh, H, W, H, W) + rel_h[..., :, None] + rel_w[..., None, :]
-        probs = jax.nn.softmax(logits.reshape(B, nh, H * W, H * W), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhnm,bmhd->bnhd", probs, v)
-        return out.reshape(B, H, W, nh * hd)
+        out = rel_pos_attention(q, k, v, rh, rw, (H, W), self.scale)
+        return out.transpose(0, 2, 1, 3).reshape(B, H, W, nh * hd)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.proj(self.attend(self.qkv(x)))
