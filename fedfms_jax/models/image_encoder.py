@@ -21,6 +21,7 @@ from flax import nnx
 
 from fedfms_jax.models.adapters import Adapter
 from fedfms_jax.models.common import LayerNorm2d, gelu
+from fedfms_jax.models.fusion_barrier import cotangent_barrier
 from fedfms_jax.models.rel_pos_attention import rel_pos_attention
 
 __all__ = [
@@ -414,7 +415,7 @@ class ImageEncoderViT(nnx.Module):
         if self.remat:
             run_block = nnx.remat(run_block)
         for blk in self.blocks:
-            x = run_block(blk, x)
+            x = cotangent_barrier(run_block(blk, x))
         for layer in self.neck:
             x = layer(x)
         return x

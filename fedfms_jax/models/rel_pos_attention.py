@@ -10,8 +10,10 @@ product (divide [n, head_dim] instead of [n, N]); the maximum subtracted for sta
 cancels exactly, so its gradient is stopped. On a 2-core CPU this runs the ViT-B global
 attention at 1024 about 3x faster than `full` (BENCHMARKS.md).
 
-`auto` picks `blockwise` on CPU for grids of at least 128 tokens, `full` otherwise
-(tiny grids, such as the MSA depth branch's, would be thousands of sequential steps).
+`auto` picks `blockwise` on CPU when the full scores would exceed 32 MB (e.g. every
+ViT-B block at 1024 input) and `full` otherwise: small score tensors already fit the
+cache, their sequential steps would only add loop overhead, and the backward pass of
+the sequential loop is slower than the fused one at training sizes such as 256.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 __all__ = ["rel_pos_attention"]
 
 _SCORE_BLOCK_ELEMENTS = 1 << 21  # 8 MB of float32 scores per sequential step
-_BLOCKWISE_MIN_TOKENS = 128
+_FULL_MAX_ELEMENTS = 1 << 23  # 32 MB of float32 scores for all heads of a call
 F32 = jnp.float32
 
 
@@ -87,7 +89,8 @@ def rel_pos_attention(q, k, v, rh, rw, hw: tuple[int, int], scale: float, impl: 
     H, W = hw
     if impl == "auto":
         cpu = jax.default_backend() == "cpu"
-        impl = "blockwise" if cpu and H * W >= _BLOCKWISE_MIN_TOKENS else "full"
+        B, nh, N, _ = q.shape
+        impl = "blockwise" if cpu and B * nh * N * N > _FULL_MAX_ELEMENTS else "full"
     if impl == "blockwise":
         return _blockwise(q, k, v, rh, rw, H, W, scale)
     if impl == "full":
