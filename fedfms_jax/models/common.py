@@ -36,3 +36,27 @@ class LayerNorm2d(nnx.Module):
         var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
         y = (x32 - mean) / jnp.sqrt(var + self.eps)
         return (y * self.weight[...] + self.bias[...]).astype(self.dtype)
+
+
+class UpConv2x2(nnx.Module):
+    """PyTorch's ConvTranspose2d(kernel_size=2, stride=2) as one matmul + depth-to-space.
+
+    With stride equal to the kernel size, every output pixel receives exactly one input
+    pixel, so the transposed convolution is a per-pixel [C_in -> 2*2*C_out] matmul: the
+    same sums as the convolution, without XLA:CPU's slow dilated-convolution kernel.
+    Parameters match `nnx.ConvTranspose(..., transpose_kernel=True)`: kernel
+    [2, 2, out, in], bias [out].
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal(in_axis=-1, out_axis=-2)
+        self.kernel = nnx.Param(init(rngs.params(), (2, 2, out_features, in_features), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, H, W, _ = x.shape
+        k = self.kernel[...]
+        y = jnp.einsum("nhwc,pqoc->nhpwqo", x.astype(self.dtype), k.astype(self.dtype),
+                       preferred_element_type=jnp.float32)
+        return y.reshape(B, 2 * H, 2 * W, k.shape[2]) + self.bias[...]

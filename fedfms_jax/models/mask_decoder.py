@@ -58,9 +58,7 @@ class MaskDecoder(nnx.Module):
                                              dtype=dtype, rngs=rngs)
         self.iou_token = nnx.Embed(1, c, rngs=rngs)
         self.mask_tokens = nnx.Embed(self.num_mask_tokens, c, rngs=rngs)
-        up = lambda i, o: nnx.ConvTranspose(i, o, (2, 2), strides=(2, 2), padding="VALID",  # noqa: E731
-                                            transpose_kernel=True, dtype=dtype,
-                                            preferred_element_type=jnp.float32, rngs=rngs)
+        up = lambda i, o: UpConv2x2(i, o, dtype=dtype, rngs=rngs)  # noqa: E731
         # None at the GELU positions of torch's Sequential.
         self.output_upscaling = nnx.List([up(c, c // 4), LayerNorm2d(c // 4), None,
                                           up(c // 4, c // 8), None])
