@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedfms_jax.models.common import LayerNorm2d, gelu
+from fedfms_jax.models.common import LayerNorm2d, UpConv2x2, gelu
 from fedfms_jax.models.transformer import TwoWayTransformer, linear
 
 
