@@ -108,6 +108,14 @@ def step_flops(engine: FederatedEngine, batches, how: str = "xla") -> tuple[floa
     return matmul, "jaxpr matmul+conv count of one local step", matmul
 
 
+def resolve_client_chunk(chunk: int) -> int:
+    """-1 (auto): one client at a time on a CPU, where the vmapped round measured 0.7x the
+    speed of the looped one (BENCHMARKS.md); all clients vmapped on accelerators."""
+    if chunk >= 0:
+        return chunk
+    return 1 if jax.default_backend() == "cpu" else 0
+
+
 class JaxRound:
     """Built, compiled and ready: `run()` is one blocking round; `results(timing)` the rest."""
 
@@ -120,7 +128,7 @@ class JaxRound:
             client_optimizer=optax.adam(1e-4, b1=0.9, b2=0.999),
             server_optimizer="fedavg", loss="bce", pos_weight=2.0,
             keep_client_opt_state=cfg.persistent_clients,
-            **({"client_chunk": cfg.client_chunk} if cfg.client_chunk else {}))
+            **({"client_chunk": chunk} if (chunk := resolve_client_chunk(cfg.client_chunk)) else {}))
         del model
         progress(f"JAX: counting FLOPs of one local step ({cfg.flops})")
         self.flops_step, self.flops_source, self.matmul_step = step_flops(engine, batches, cfg.flops)
