@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.pos_weight = 2.0
     c.server_optimizer = "fedavg"
     c.server_lr = 1.0
-    c.client_loop = "vmap"     # vmap: all clients in one program; sequential: one after another
+    c.client_loop = "vmap"     # vmap: a device's clients at once; sequential: one at a time (less memory)
     # --- evaluation and outputs
     c.eval_every = 5
     c.eval_batch_size = 8

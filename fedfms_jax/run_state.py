@@ -106,11 +106,11 @@ def make_engine(cfg: dict, model):
         raise UsageError(str(exc)) from None
     if cfg["client_loop"] not in ("vmap", "sequential"):
         raise UsageError(f"client_loop must be vmap or sequential, got {cfg['client_loop']!r}")
-    if cfg["client_loop"] == "sequential" and not (cfg["server_optimizer"] == "fedavg" and cfg["server_lr"] == 1.0):
-        raise UsageError("client_loop=sequential supports plain FedAvg only (server_optimizer=fedavg, server_lr=1)")
+    # sequential: the engine trains a device's clients one at a time inside the jitted round.
+    chunk = {"client_chunk": 1} if cfg["client_loop"] == "sequential" else {}
     return FederatedEngine(model, cfg["partition"] or cfg["method"], forward=forward,
                            client_optimizer=client_optimizer(cfg), server_optimizer=server,
-                           loss="bce", pos_weight=cfg["pos_weight"])
+                           loss="bce", pos_weight=cfg["pos_weight"], **chunk)
 
 
 def to_tree(state) -> dict:
@@ -143,19 +143,12 @@ class Run:
     def local(self) -> bool:
         return self.cfg["mode"] == "local"
 
-    @property
-    def sequential(self) -> bool:
-        """One engine client at a time (state per client), FedAvg done here on the host side."""
-        return self.cfg["client_loop"] == "sequential" and not self.local
-
     def init_state(self):
-        if self.local or self.sequential:
+        if self.local:
             return {s: self.engine.init(1) for s in self.clients}
         return self.engine.init(len(self.clients))
 
     def global_trainable(self, site: str | None = None):
-        if self.sequential:
-            return self.state[self.clients[0]].global_params
         if not self.local:
             return self.state.global_params
         if site in self.state:

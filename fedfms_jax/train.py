@@ -194,23 +194,15 @@ def main(argv: Sequence[str]) -> int:
 # ================================================================================ update step
 def train_round(run, batches, weights):
     """One round on every client; returns (losses [C], finite [C]) on the host."""
-    if not (run.local or run.sequential):
+    if not run.local:
         run.state, m = run.engine.run_round(run.state, batches, weights)
         return np.asarray(m["loss"]), np.asarray(m["finite"])
-    # One client at a time: local-only (no aggregation), or sequential FedAvg, where each
-    # client's one-client round returns its trained params and the server mean is taken here.
     losses, finite = [], []
-    for i, site in enumerate(run.clients):
+    for i, site in enumerate(run.clients):  # local-only: one client at a time, no aggregation
         own = {k: v[:, i:i + 1] for k, v in batches.items()}
         run.state[site], m = run.engine.run_round(run.state[site], own, np.ones(1, np.float32))
         losses.append(float(np.asarray(m["loss"])[0]))
         finite.append(bool(np.asarray(m["finite"])[0]))
-    if run.sequential and all(finite):
-        trees = [run.state[s].global_params for s in run.clients]
-        mean = jax.tree.map(lambda *xs: sum(float(w) * x for w, x in zip(weights, xs)), *trees)
-        # Each client state gets its own copy: run_round donates (frees) the state it is given.
-        run.state = {s: st._replace(global_params=jax.tree.map(lambda x: x.copy(), mean))
-                     for s, st in run.state.items()}
     return np.asarray(losses), np.asarray(finite)
 
 

@@ -6,6 +6,7 @@ import pytest
 from fedfms_jax import config_cli
 from fedfms_jax.cli_errors import UsageError
 from fedfms_jax.train import parse_config
+from tests.train.conftest import TINY
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FEDERATIONS = ["prostate", "fundus", "nuclei", "fets", "ctlung", "isic", "chaos"]
@@ -58,3 +59,19 @@ def test_rejected(argv, needle):
 def test_parse_config_args_types():
     out = config_cli.parse_config_args("a=3,b=x,c=true", {"a": 0, "b": "", "c": False, "d": 1.5})
     assert out == {"a": 3, "b": "x", "c": True, "d": 1.5}
+
+
+@pytest.mark.parametrize("loop, chunk", [("vmap", None), ("sequential", 1)])
+def test_client_loop_selects_the_engines_client_chunk(loop, chunk):
+    from fedfms_jax import model_init
+    from fedfms_jax.run_state import make_engine
+    cfg = parse_config([*TINY, f"--config.client_loop={loop}"])[0]
+    engine = make_engine(cfg, model_init.build_model(cfg)[1])
+    assert engine.client_chunk == chunk
+
+
+def test_unknown_client_loop_is_refused():
+    from fedfms_jax.run_state import make_engine
+    cfg = parse_config([*TINY, "--config.client_loop=threads"])[0]
+    with pytest.raises(UsageError, match="client_loop must be vmap or sequential"):
+        make_engine(cfg, None)
