@@ -67,8 +67,14 @@ def weighted_mean(stacked, weights):
     into the mean. Elementwise products and a sum (no matmul: no reduced precision)."""
 
     def leaf(x):
-        w = weights.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-        return jnp.sum(jnp.where(w > 0, x, 0) * w, axis=0)
+        # Unrolled over the (static, small) clients axis: one elementwise pass. XLA:CPU's
+        # reduce over a leading axis of [C, N] ran ~15x slower than this on ViT-B trees.
+        total = None
+        for c in range(x.shape[0]):
+            w = weights[c].astype(x.dtype)
+            term = jnp.where(w > 0, x[c], 0) * w
+            total = term if total is None else total + term
+        return total
 
     return jax.tree.map(leaf, stacked)
 

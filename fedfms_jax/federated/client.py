@@ -24,10 +24,6 @@ Forward = Callable[[nnx.Module, jax.Array], jax.Array]
 Loss = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def _select(pred, on_true, on_false):
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
 def tree_sq_dist(a, b):
     return sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -69,18 +65,19 @@ def make_local_update(
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef, partition, forward, loss, prox_mu), has_aux=True)
 
     def local_update(trainable, opt_state, frozen, rest, anchor, batches: Mapping[str, Any]):
-        def body(carry, batch):
+        def step(carry, batch):
             tr, os, loss_sum, steps, touched = carry
             (_, data_loss), grads = grad_fn(tr, frozen, rest, anchor, batch)
-            updates, new_os = optimizer.update(grads, os, tr)
-            new_tr = optax.apply_updates(tr, updates)
+            updates, os = optimizer.update(grads, os, tr)
+            tr = optax.apply_updates(tr, updates)
+            touched = jax.tree.map(lambda t, g: t | jnp.any(g != 0), touched, grads)
+            return tr, os, loss_sum + data_loss, steps + 1, touched
+
+        def body(carry, batch):
+            # A real branch for one client: a batch without valid rows costs nothing.
+            # Under vmap the predicate is batched and cond becomes a select of both.
             active = jnp.any(batch["valid"])
-            tr = _select(active, new_tr, tr)
-            os = _select(active, new_os, os)
-            touched = jax.tree.map(lambda t, g: t | (active & jnp.any(g != 0)), touched, grads)
-            loss_sum = loss_sum + jnp.where(active, data_loss, 0.0)
-            steps = steps + active.astype(jnp.int32)
-            return (tr, os, loss_sum, steps, touched), None
+            return jax.lax.cond(active, step, lambda c, b: c, carry, batch), None
 
         touched0 = jax.tree.map(lambda x: jnp.zeros((), bool), trainable)
         carry0 = (trainable, opt_state, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), touched0)

@@ -226,13 +226,16 @@ class FederatedEngine:
         """The clients of one device: all vmapped at once, or `client_chunk` at a time
         (lax.map over chunks) to bound activation memory."""
         local = jax.tree.leaves(start)[0].shape[0]
-        if self.client_chunk is None or self.client_chunk >= local:
+        if self.client_chunk is None or 1 < self.client_chunk >= local:
             return jax.vmap(self.local_update, in_axes=(0, 0, None, None, None, 1))(
                 start, os0, frozen, rest, anchor, batches)
         per_client = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batches)
+        # batch_size=1 would vmap chunks of one client: leading size-1 axes on every
+        # parameter cost XLA:CPU its layout choices (transposed gradient reads in Adam).
+        chunk = None if self.client_chunk == 1 else self.client_chunk
         return jax.lax.map(
             lambda a: self.local_update(a[0], a[1], frozen, rest, anchor, a[2]),
-            (start, os0, per_client), batch_size=self.client_chunk)
+            (start, os0, per_client), batch_size=chunk)
 
     def _pad_clients(self, x, axis, fill=0):
         extra = self.num_padded - x.shape[axis]

@@ -60,3 +60,46 @@ class UpConv2x2(nnx.Module):
         y = jnp.einsum("nhwc,pqoc->nhpwqo", x.astype(self.dtype), k.astype(self.dtype),
                        preferred_element_type=jnp.float32)
         return y.reshape(B, 2 * H, 2 * W, k.shape[2]) + self.bias[...]
+
+
+class MatmulConv2d(nnx.Module):
+    """The two convolutions of SAM's ViT encoder as plain matmuls.
+
+    Either non-overlapping patches (stride == kernel size, no padding: the patch
+    embedding) or stride 1 with "same" zero padding (the neck's 1x1 and 3x3). Each output
+    pixel is one [kh*kw*C_in -> C_out] product, so the sums are the convolution's; the
+    weight gradient is a matmul too, where XLA:CPU's convolution backward inside a
+    training loop took 0.6 s per ViT-B step. Parameters match `nnx.Conv`: kernel
+    [kh, kw, in, out], optional bias [out].
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
+                 use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+        if stride not in (1, kernel_size) or (stride == 1 and kernel_size % 2 == 0):
+            raise ValueError("MatmulConv2d supports stride == kernel_size, or stride 1 with an odd kernel")
+        k = kernel_size
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (k, k, in_features, out_features),
+                                                               jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+        self.stride = stride
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel[...].astype(self.dtype)
+        kh, kw, cin, _ = k.shape
+        x = x.astype(self.dtype)
+        B, H, W, _ = x.shape
+        if self.stride == kh and kh > 1:  # non-overlapping patches
+            x = x.reshape(B, H // kh, kh, W // kw, kw, cin)
+            y = jnp.einsum("nhpwqc,pqco->nhwo", x, k, preferred_element_type=jnp.float32)
+        elif kh == 1:
+            y = jnp.einsum("nhwc,co->nhwo", x, k[0, 0], preferred_element_type=jnp.float32)
+        else:  # stride 1, "same" padding: gather the kh*kw shifted views (im2col)
+            ph, pw = kh // 2, kw // 2
+            xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+            cols = jnp.stack([xp[:, i:i + H, j:j + W] for i in range(kh) for j in range(kw)], axis=3)
+            y = jnp.einsum("nhwkc,kco->nhwo", cols, k.reshape(kh * kw, cin, -1),
+                           preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(self.dtype)

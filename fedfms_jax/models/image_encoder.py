@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from fedfms_jax.models.adapters import Adapter
-from fedfms_jax.models.common import LayerNorm2d, gelu
+from fedfms_jax.models.common import LayerNorm2d, MatmulConv2d, gelu
 from fedfms_jax.models.fusion_barrier import cotangent_barrier
 from fedfms_jax.models.rel_pos_attention import rel_pos_attention
 
@@ -322,16 +322,7 @@ class Block(nnx.Module):
 
 class PatchEmbed(nnx.Module):
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, dtype, rngs):
-        self.proj = nnx.Conv(
-            in_chans,
-            embed_dim,
-            kernel_size=(patch_size, patch_size),
-            strides=(patch_size, patch_size),
-            padding="VALID",
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            rngs=rngs,
-        )
+        self.proj = MatmulConv2d(in_chans, embed_dim, patch_size, stride=patch_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.proj(x)
@@ -390,12 +381,12 @@ class ImageEncoderViT(nnx.Module):
                 for i in range(cfg.depth)
             ]
         )
-        conv = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        conv = dict(use_bias=False, dtype=dtype, rngs=rngs)
         self.neck = nnx.List(
             [
-                nnx.Conv(D, cfg.out_chans, kernel_size=(1, 1), **conv),
+                MatmulConv2d(D, cfg.out_chans, 1, **conv),
                 LayerNorm2d(cfg.out_chans, dtype=dtype),
-                nnx.Conv(cfg.out_chans, cfg.out_chans, kernel_size=(3, 3), padding=1, **conv),
+                MatmulConv2d(cfg.out_chans, cfg.out_chans, 3, **conv),
                 LayerNorm2d(cfg.out_chans, dtype=dtype),
             ]
         )
