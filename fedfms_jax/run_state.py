@@ -110,7 +110,8 @@ def make_engine(cfg: dict, model):
     chunk = {"client_chunk": 1} if cfg["client_loop"] == "sequential" else {}
     return FederatedEngine(model, cfg["partition"] or cfg["method"], forward=forward,
                            client_optimizer=client_optimizer(cfg), server_optimizer=server,
-                           loss="bce", pos_weight=cfg["pos_weight"], **chunk)
+                           loss="bce", pos_weight=cfg["pos_weight"], compute_dtype=cfg["model"]["dtype"],
+                           **chunk)
 
 
 def to_tree(state) -> dict:

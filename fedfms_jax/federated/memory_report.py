@@ -37,7 +37,7 @@ def analyse(encoder="vit_b", preset="fedmsa", image_size=1024, clients=6, batch=
                     prompt_free=True, pixel_norm="unit", dtype=dtype)
     model = nnx.eval_shape(lambda: build_sam(cfg, rngs=nnx.Rngs(0)))
     engine = FederatedEngine(model, preset, client_optimizer=optax.adam(1e-4), client_chunk=client_chunk,
-                             mesh=jax.make_mesh((1,), ("clients",), axis_types=(jax.sharding.AxisType.Auto,),
+                             compute_dtype=dtype, mesh=jax.make_mesh((1,), ("clients",), axis_types=(jax.sharding.AxisType.Auto,),
                                                 devices=jax.devices()[:1]))
     t0 = time.time()
     lowered = engine.lower_round(clients, steps, batch, (image_size, image_size),

@@ -63,6 +63,9 @@ class FederatedEngine:
         clients x trainable bytes between rounds; never read by the next round).
     client_chunk: train at most this many clients of a device at once (lax.map over
         chunks; activation memory scales with the chunk, not the device's client count).
+    compute_dtype: the model's compute dtype. When reduced (bf16), the frozen matmul
+        kernels are cast to it once per round instead of at every use in every step (the
+        same values: each use casts them anyway). The stored frozen tree stays float32.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class FederatedEngine:
         keep_client_opt_state: bool = True,
         keep_client_params: bool = True,
         client_chunk: int | None = None,
+        compute_dtype=jnp.float32,
     ):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         if not isinstance(partition, Partition):
@@ -96,6 +100,7 @@ class FederatedEngine:
         if client_chunk is not None and client_chunk < 1:
             raise ValueError(f"client_chunk must be >= 1, got {client_chunk}")
         self.client_chunk = client_chunk
+        self.compute_dtype = jnp.dtype(compute_dtype)
         self.mesh = mesh if mesh is not None else mesh_lib.client_mesh()
         self._repl = mesh_lib.replicated(self.mesh)
         self._by_client = mesh_lib.client_sharded(self.mesh, 0)
@@ -166,6 +171,7 @@ class FederatedEngine:
             os0 = state.client_opt_state
         else:
             os0 = jax.vmap(self.client_tx.init)(start)
+        frozen = self._frozen_for_compute(frozen)
         new_tr, new_os, stats = self._sharded_local_update(start, os0, frozen, rest, g, batches)
 
         finite = aggregate.client_finite(new_tr, stats["loss"])
@@ -207,6 +213,16 @@ class FederatedEngine:
         }
         new_state = FedState(new_g, client_params, client_os, new_ss, state.round + 1)
         return new_state, metrics
+
+    def _frozen_for_compute(self, frozen):
+        if self.compute_dtype == jnp.float32:
+            return frozen
+
+        def cast(path, x):
+            is_kernel = getattr(path[-1], "key", None) == "kernel" and x.ndim >= 2
+            return x.astype(self.compute_dtype) if is_kernel and x.dtype == jnp.float32 else x
+
+        return jax.tree.map_with_path(cast, frozen)
 
     def _sharded_local_update(self, start, os0, frozen, rest, anchor, batches):
         # shard_map: each device vmaps over its own clients with the frozen tree broadcast.

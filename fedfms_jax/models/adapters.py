@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedfms_jax.models.mixed_matmul import mixed_dot_general
+
 from fedfms_jax.models.common import gelu
 
 
@@ -33,13 +35,11 @@ class Adapter(nnx.Module):
     ):
         hidden = int(dim * mlp_ratio)
         self.skip_connect = skip_connect
-        self.D_fc1 = nnx.Linear(dim, hidden, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        fc2_kw = {}
+        kw = dict(dtype=dtype, param_dtype=jnp.float32, dot_general=mixed_dot_general, rngs=rngs)
+        self.D_fc1 = nnx.Linear(dim, hidden, **kw)
         if zero_init:
-            fc2_kw = dict(kernel_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros)
-        self.D_fc2 = nnx.Linear(
-            hidden, dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs, **fc2_kw
-        )
+            kw.update(kernel_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros)
+        self.D_fc2 = nnx.Linear(hidden, dim, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xs = self.D_fc2(gelu(self.D_fc1(x)))

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedfms_jax.models.mixed_matmul import mixed_einsum
+
 
 class Buffer(nnx.Variable):
     """A fixed tensor that PyTorch keeps in the state dict but never trains
@@ -57,8 +59,7 @@ class UpConv2x2(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         B, H, W, _ = x.shape
         k = self.kernel[...]
-        y = jnp.einsum("nhwc,pqoc->nhpwqo", x.astype(self.dtype), k.astype(self.dtype),
-                       preferred_element_type=jnp.float32)
+        y = mixed_einsum("nhwc,pqoc->nhpwqo", x, k, self.dtype)
         return y.reshape(B, 2 * H, 2 * W, k.shape[2]) + self.bias[...]
 
 
@@ -85,21 +86,19 @@ class MatmulConv2d(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel[...].astype(self.dtype)
+        k = self.kernel[...]
         kh, kw, cin, _ = k.shape
-        x = x.astype(self.dtype)
         B, H, W, _ = x.shape
         if self.stride == kh and kh > 1:  # non-overlapping patches
             x = x.reshape(B, H // kh, kh, W // kw, kw, cin)
-            y = jnp.einsum("nhpwqc,pqco->nhwo", x, k, preferred_element_type=jnp.float32)
+            y = mixed_einsum("nhpwqc,pqco->nhwo", x, k, self.dtype)
         elif kh == 1:
-            y = jnp.einsum("nhwc,co->nhwo", x, k[0, 0], preferred_element_type=jnp.float32)
+            y = mixed_einsum("nhwc,co->nhwo", x, k[0, 0], self.dtype)
         else:  # stride 1, "same" padding: gather the kh*kw shifted views (im2col)
             ph, pw = kh // 2, kw // 2
             xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
             cols = jnp.stack([xp[:, i:i + H, j:j + W] for i in range(kh) for j in range(kw)], axis=3)
-            y = jnp.einsum("nhwkc,kco->nhwo", cols, k.reshape(kh * kw, cin, -1),
-                           preferred_element_type=jnp.float32)
+            y = mixed_einsum("nhwkc,kco->nhwo", cols, k.reshape(kh * kw, cin, -1), self.dtype)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.astype(self.dtype)

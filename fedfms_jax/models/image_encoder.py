@@ -22,6 +22,7 @@ from flax import nnx
 from fedfms_jax.models.adapters import Adapter
 from fedfms_jax.models.common import LayerNorm2d, MatmulConv2d, gelu
 from fedfms_jax.models.fusion_barrier import cotangent_barrier
+from fedfms_jax.models.mixed_matmul import mixed_dot_general
 from fedfms_jax.models.rel_pos_attention import rel_pos_attention
 
 __all__ = [
@@ -188,8 +189,9 @@ def _pad_tokens(x: jax.Array, hw_padded: tuple[int, int], value: jax.Array) -> j
 
 class MLPBlock(nnx.Module):
     def __init__(self, dim: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
-        self.lin1 = nnx.Linear(dim, mlp_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.lin2 = nnx.Linear(mlp_dim, dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=jnp.float32, dot_general=mixed_dot_general, rngs=rngs)
+        self.lin1 = nnx.Linear(dim, mlp_dim, **kw)
+        self.lin2 = nnx.Linear(mlp_dim, dim, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.lin2(gelu(self.lin1(x)))
@@ -202,8 +204,10 @@ class Attention(nnx.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
-        self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=jnp.float32, dot_general=mixed_dot_general, rngs=rngs)
+        self.qkv = nnx.Linear(dim, 3 * dim, **kw)
+        self.proj = nnx.Linear(dim, dim, **kw)
+        self.dtype = dtype
         self.rel_pos_h = nnx.Param(jnp.zeros((2 * input_size[0] - 1, head_dim), jnp.float32))
         self.rel_pos_w = nnx.Param(jnp.zeros((2 * input_size[1] - 1, head_dim), jnp.float32))
 
@@ -212,6 +216,7 @@ class Attention(nnx.Module):
         B, H, W, three_dim = qkv.shape
         nh = self.num_heads
         hd = three_dim // 3 // nh
+        qkv = qkv.astype(self.dtype)  # float32 when the projection took the mixed path
         q, k, v = qkv.reshape(B, H * W, 3, nh, hd).transpose(2, 0, 3, 1, 4)  # [B, heads, N, hd]
         rh = get_rel_pos(H, H, self.rel_pos_h[...]).astype(q.dtype)  # [H, H, hd]
         rw = get_rel_pos(W, W, self.rel_pos_w[...]).astype(q.dtype)  # [W, W, hd]

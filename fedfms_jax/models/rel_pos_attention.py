@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fedfms_jax.models.mixed_matmul import mixed_einsum
+
 __all__ = ["rel_pos_attention"]
 
 _SCORE_BLOCK_ELEMENTS = 1 << 21  # 8 MB of float32 scores per sequential step
@@ -38,28 +40,30 @@ def _rows_per_block(H: int, W: int) -> int:
 def _full(q, k, v, rh, rw, H, W, scale):
     """q, k, v [B, heads, N, hd]; rh [H, H, hd], rw [W, W, hd] -> [B, heads, N, hd]."""
     B, nh, N, hd = q.shape
-    logits = jnp.einsum("bhnd,bhmd->bhnm", q * scale, k, preferred_element_type=F32)
+    logits = mixed_einsum("bhnd,bhmd->bhnm", q * scale, k, q.dtype)
+    # (The small rel-pos products keep plain einsums: XLA:CPU has no bf16 x bf16 -> f32
+    # kernel for their batched gradients.)
     # Decomposed relative positions use the unscaled q, as the official code does.
     rq = q.reshape(B, nh, H, W, hd)
     rel_h = jnp.einsum("bhxyd,xkd->bhxyk", rq, rh, preferred_element_type=F32)
     rel_w = jnp.einsum("bhxyd,ykd->bhxyk", rq, rw, preferred_element_type=F32)
     logits = logits.reshape(B, nh, H, W, H, W) + rel_h[..., :, None] + rel_w[..., None, :]
     probs = jax.nn.softmax(logits.reshape(B, nh, N, N), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhnm,bhmd->bhnd", probs, v)
+    return mixed_einsum("bhnm,bhmd->bhnd", probs, v, v.dtype).astype(v.dtype)
 
 
 def _score_block(q, k, v, rh_rows, rw, W, scale):
     """Attention of `rows` whole query rows (q [rows*W, hd]) against all keys [N, hd]."""
     rows = rh_rows.shape[0]
     N, hd = k.shape
-    s = jnp.einsum("nd,md->nm", q * scale, k, preferred_element_type=F32)
+    s = mixed_einsum("nd,md->nm", q * scale, k, q.dtype)
     rq = q.reshape(rows, W, hd)
     rel_h = jnp.einsum("xyd,xkd->xyk", rq, rh_rows, preferred_element_type=F32)
     rel_w = jnp.einsum("xyd,ykd->xyk", rq, rw, preferred_element_type=F32)
     s = s.reshape(rows, W, N // W, W) + rel_h[..., :, None] + rel_w[..., None, :]
     s = s.reshape(rows * W, N)
     e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
-    out = jnp.einsum("nm,md->nd", e.astype(v.dtype), v, preferred_element_type=F32)
+    out = mixed_einsum("nm,md->nd", e, v, v.dtype)
     return (out / e.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedfms_jax.models.mixed_matmul import mixed_dot_general
+
 TRANSFORMER_LN_EPS = 1e-5
 
 
@@ -28,7 +30,8 @@ def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def linear(i: int, o: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     """Linear layer with `dtype` inputs and a float32 result."""
-    return nnx.Linear(i, o, dtype=dtype, preferred_element_type=jnp.float32, rngs=rngs)
+    return nnx.Linear(i, o, dtype=dtype, preferred_element_type=jnp.float32, dot_general=mixed_dot_general,
+                      rngs=rngs)
 
 
 class Attention(nnx.Module):

@@ -1,0 +1,64 @@
+"""mixed_einsum / mixed_dot_general: bf16 operands, float32 sums and results, and a
+backward pass that matches the float32 gradient to bf16 accuracy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fedfms_jax.models.mixed_matmul import mixed_dot_general, mixed_einsum, use_mixed
+
+BF = jnp.bfloat16
+
+
+def _operands(spec_shapes, seed=0):
+    ka, kb = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(ka, spec_shapes[0]), jax.random.normal(kb, spec_shapes[1])
+
+
+@pytest.mark.parametrize("spec,shapes", [
+    ("mk,kn->mn", ((16, 24), (24, 8))),
+    ("bhnd,bhmd->bhnm", ((2, 3, 10, 8), (2, 3, 12, 8))),
+    ("bhnm,bhmd->bhnd", ((2, 3, 10, 12), (2, 3, 12, 8))),
+    ("nhpwqc,pqco->nhwo", ((2, 3, 4, 5, 4, 3), (4, 4, 3, 6))),
+])
+def test_values_and_gradients(spec, shapes):
+    assert use_mixed(BF)  # the tests run on the CPU backend
+    a, b = _operands(shapes)
+    rounded = lambda t: t.astype(BF).astype(jnp.float32)  # noqa: E731
+    got = mixed_einsum(spec, a, b, BF)
+    assert got.dtype == jnp.float32
+    # Products of bf16 values are exact in float32: only the summation order differs.
+    np.testing.assert_allclose(got, jnp.einsum(spec, rounded(a), rounded(b)), rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return lambda a, b: jnp.sum(jnp.sin(fn(a, b)))
+
+    ga, gb = jax.grad(loss(lambda a, b: mixed_einsum(spec, a, b, BF)), argnums=(0, 1))(a, b)
+    ra, rb = jax.grad(loss(lambda a, b: jnp.einsum(spec, a, b)), argnums=(0, 1))(a, b)
+    assert ga.dtype == a.dtype and gb.dtype == b.dtype
+    for g, r in ((ga, ra), (gb, rb)):
+        assert float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r)) < 2e-2
+
+
+def test_float32_is_the_plain_einsum():
+    a, b = _operands(((5, 7), (7, 3)))
+    assert not use_mixed(jnp.float32)
+    np.testing.assert_array_equal(mixed_einsum("mk,kn->mn", a, b, jnp.float32), jnp.einsum("mk,kn->mn", a, b))
+
+
+def test_refuses_specs_it_cannot_differentiate():
+    a, b = _operands(((5, 7), (7, 3)))
+    with pytest.raises(ValueError, match="lone summed"):
+        mixed_einsum("mk,kn->n", a, b, BF)
+
+
+def test_linear_with_mixed_dot_general():
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    plain = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+    mixed32 = nnx.Linear(16, 8, dot_general=mixed_dot_general, rngs=nnx.Rngs(0))
+    mixed16 = nnx.Linear(16, 8, dtype=BF, dot_general=mixed_dot_general, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(mixed32(x), plain(x))  # float32: untouched
+    y = mixed16(x)
+    assert y.shape == (2, 5, 8) and y.dtype == jnp.float32
+    assert float(jnp.linalg.norm(y - plain(x)) / jnp.linalg.norm(plain(x))) < 1e-2
