@@ -242,7 +242,9 @@ class FederatedEngine:
         """The clients of one device: all vmapped at once, or `client_chunk` at a time
         (lax.map over chunks) to bound activation memory."""
         local = jax.tree.leaves(start)[0].shape[0]
-        if self.client_chunk is None or 1 < self.client_chunk >= local:
+        # A chunk of one always loops (see below), even when the device has one client.
+        all_at_once = self.client_chunk is None or (self.client_chunk > 1 and self.client_chunk >= local)
+        if all_at_once:
             return jax.vmap(self.local_update, in_axes=(0, 0, None, None, None, 1))(
                 start, os0, frozen, rest, anchor, batches)
         per_client = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batches)
