@@ -129,9 +129,11 @@ def measured_matmul_flops(dtype: str, *, n: int | None = None, repeats: int = 5)
 
     @jax.jit
     def chain(a, b):
-        # Several dependent products per call so launch overhead does not count.
+        # Several dependent products per call so launch overhead does not count. A
+        # float32 result, as the model's products ask for (XLA:CPU's bf16-result kernel
+        # is several times slower than its float32-result one).
         for _ in range(reps):
-            a = (a @ b) * jnp.asarray(1e-2, jdtype)
+            a = (jnp.dot(a, b, preferred_element_type=jnp.float32) * 1e-2).astype(jdtype)
         return a
 
     chain(a, b).block_until_ready()

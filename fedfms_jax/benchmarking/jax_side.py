@@ -18,7 +18,6 @@ from flax import nnx
 from fedfms_jax.benchmarking import flops as flops_lib
 from fedfms_jax.benchmarking.stats import Stopwatch, progress, time_repeated
 from fedfms_jax.federated import aggregate, comm
-from fedfms_jax.federated import mesh as mesh_lib
 from fedfms_jax.federated.client import make_train_step
 from fedfms_jax.federated.round import FederatedEngine
 
@@ -44,13 +43,6 @@ def build_model(cfg, dtype_name: str):
     scfg = sam.SamConfig(**kw)
     model = sam.build_sam(scfg, rngs=nnx.Rngs(cfg.seed))
     return model, make_forward(scfg.pixel_norm), scfg
-
-
-def _round_args(engine: FederatedEngine, state, batches, weights):
-    """The arguments engine.run_round passes to its jitted round."""
-    w = mesh_lib.to_global(engine._pad_clients(np.asarray(weights, np.float32), 0), engine._repl)
-    p = mesh_lib.to_global(engine._pad_clients(np.ones(engine.num_clients, bool), 0, False), engine._repl)
-    return (state, engine.frozen, engine.rest, engine.prepare_batches(batches), w, p)
 
 
 def _peak_memory(compiled) -> tuple[int | None, str]:
@@ -134,9 +126,9 @@ class JaxRound:
         self.flops_step, self.flops_source, self.matmul_step = step_flops(engine, batches, cfg.flops)
         progress("JAX: compiling the round")
         state = engine.init(cfg.clients)
-        args = _round_args(engine, state, batches, weights)
+        args = engine.round_inputs(state, batches, weights)
         with Stopwatch() as sw:
-            self.compiled = engine._round_jit.lower(*args).compile()
+            self.compiled = engine.compiled_round().lower(*args).compile()
         self.compile_s = sw.seconds
         _check_host_memory(self.compiled)
         progress(f"JAX: round compiled in {self.compile_s:.1f} s")

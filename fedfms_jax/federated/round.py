@@ -286,13 +286,21 @@ class FederatedEngine:
         Returns (state, metrics); metrics: loss, finite, active, counted, steps, weight [C];
         touched [C, L] (trainable_paths order); changed [L]; round.
         """
+        return self.compiled_round()(*self.round_inputs(state, batches, weights, participating_mask))
+
+    def compiled_round(self):
+        """The jitted, donated round function (for `.lower(...).compile()` or timing)."""
         if self._round_jit is None:
             raise RuntimeError("call init(num_clients) first")
+        return self._round_jit
+
+    def round_inputs(self, state: FedState, batches, weights, participating_mask=None) -> tuple:
+        """The arguments of `compiled_round()`, placed on the mesh, clients padded."""
         w = np.asarray(weights, np.float32)
         p = np.ones(self.num_clients, bool) if participating_mask is None else np.asarray(participating_mask, bool)
         w = mesh_lib.to_global(self._pad_clients(w, 0), self._repl)
         p = mesh_lib.to_global(self._pad_clients(p, 0, False), self._repl)
-        return self._round_jit(state, self.frozen, self.rest, self.prepare_batches(batches), w, p)
+        return (state, self.frozen, self.rest, self.prepare_batches(batches), w, p)
 
     # ----- lowering (memory analysis without real arrays) ------------------------------------
     def lower_round(self, num_clients: int, steps: int, batch_size: int, image_hw, mask_hwc,
