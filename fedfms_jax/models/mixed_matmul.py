@@ -76,8 +76,8 @@ def mixed_einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
 def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
     """A `dot_general` for `nnx.Linear(dot_general=...)`: x[..., K] @ w[K, N].
 
-    On the CPU with bf16 operands it returns float32 through `mixed_einsum`; otherwise it
-    is `lax.dot_general` unchanged."""
+    On the CPU with bf16 operands it returns float32 through the same custom-gradient
+    product as `mixed_einsum`; otherwise it is `lax.dot_general` unchanged."""
     if not use_mixed(lhs.dtype):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type, **kwargs)
