@@ -24,11 +24,15 @@ from fedfms_jax.cli_errors import UsageError
 
 
 def enable_compilation_cache() -> None:
-    """Persist compiled programs across runs (a resumed run does not compile again)."""
+    """Persist compiled programs across runs: a resumed run does not compile again, and
+    neither does a deployed hospital's ClientApp, which Flower starts afresh for every
+    message. Every program is kept, however quick to compile: the many small ones add up
+    in a process that lives for one round. (JAX keeps no program with a host call: on a
+    CPU that is the deep encoders' fusion barrier, see models/fusion_barrier.)"""
     if not jax.config.jax_compilation_cache_dir:
         from fedfms_jax.data.assets import cache_dir
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 # ------------------------------------------------------------------------------ data

@@ -3,7 +3,6 @@
 Four fake CPU devices so that sharding code runs over a real multi-device mesh.
 The flag must be set before jax is imported anywhere.
 """
-import importlib.util
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -33,8 +32,3 @@ def four_devices():
     assert len(devices) == 4, "conftest must set 4 fake CPU devices before jax is imported"
     return devices
 
-
-# The Flower deployment tests need the `flower` extra (pip install -e '.[test,flower]')
-# and start real SuperLink/SuperNode processes; without flwr they are not collected.
-if importlib.util.find_spec("flwr") is None:
-    collect_ignore = ["deploy"]

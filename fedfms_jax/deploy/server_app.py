@@ -93,18 +93,10 @@ class Coordinator:
                 good.append(r)
         return good
 
-    def wait_for_nodes(self) -> None:
-        deadline = time.time() + self.opts["wait_nodes_timeout"]
-        while len(list(self.grid.get_node_ids())) < self.opts["min_nodes"]:
-            if time.time() > deadline:
-                raise TimeoutError(f"fewer than {self.opts['min_nodes']} SuperNodes connected "
-                                   f"after {self.opts['wait_nodes_timeout']}s")
-            time.sleep(0.5)
-
     def refresh_nodes(self, round_: int) -> None:
         """Wait for min-nodes connected nodes; forget nodes that left; ask new ones which
         site they are (a hospital that dropped out rejoins here)."""
-        self.wait_for_nodes()
+        wait_for_nodes(self.grid, self.opts["min_nodes"], self.opts["wait_nodes_timeout"])
         live = set(self.grid.get_node_ids())
         self.nodes = {n: i for n, i in self.nodes.items() if n in live}
         new = sorted(live - set(self.nodes))
@@ -176,7 +168,7 @@ class Coordinator:
         start = st.restore_latest() + 1
         if start > 1:
             log(f"resuming {st.path} after round {start - 1}")
-        self.wait_for_nodes()
+        wait_for_nodes(self.grid, self.opts["min_nodes"], self.opts["wait_nodes_timeout"])
         records = st.records()
         dp = proto.dp_config(cfg)
         if 0 not in records and self.opts["evaluate"]:
@@ -212,6 +204,14 @@ class Coordinator:
         log(f"results: {st.path}")
 
 
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while len(list(grid.get_node_ids())) < count:
+        if time.time() > deadline:
+            raise TimeoutError(f"fewer than {count} SuperNode(s) connected after {timeout}s")
+        time.sleep(0.5)
+
+
 def payload_check(grid: Grid, context: Context) -> None:
     """Send a FedSAM-sized trainable subtree to one node and get it back; writes
     <workdir>/payload.json (sizes, hashes, seconds each way together)."""
@@ -225,11 +225,7 @@ def payload_check(grid: Grid, context: Context) -> None:
     nbytes = int(sum(x.nbytes for x in leaves))
     record = pl.leaves_to_record(paths, leaves)
     del leaves
-    deadline = time.time() + float(context.run_config.get("wait-nodes-timeout", 600.0))
-    while not list(grid.get_node_ids()):
-        if time.time() > deadline:
-            raise TimeoutError("no SuperNode connected")
-        time.sleep(0.5)
+    wait_for_nodes(grid, 1, float(context.run_config.get("wait-nodes-timeout", 600.0)))
     node = sorted(grid.get_node_ids())[0]
     t0 = time.time()
     msg = Message(RecordDict({proto.GLOBAL: record}), dst_node_id=node, message_type="query.echo", group_id="0")

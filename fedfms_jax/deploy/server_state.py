@@ -16,12 +16,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fedfms_jax import model_init, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.federated import aggregate
 from fedfms_jax.federated.comm import comm_bytes
+from fedfms_jax.federated.partition import path_to_str
 
 
 class ServerState:
@@ -47,7 +47,7 @@ class ServerState:
         self.ckpt = Checkpointer(self.path / wd.CKPT_DIR, keep=cfg["checkpoint_keep"])
         self.mlog = wd.MetricsLog(self.path / wd.METRICS_FILE)
         self._mean = jax.jit(_mean_update)
-        self._step = jax.jit(self._server_step)
+        self._step = jax.jit(self.server.step)
 
     # ------------------------------------------------------------------- checkpoints
     def restore_latest(self) -> int:
@@ -94,13 +94,6 @@ class ServerState:
             g, ss = self._step(self.global_params, self.server_opt_state, mean_update)
             self.global_params, self.server_opt_state = jax.device_get(g), jax.device_get(ss)
         self.round += 1
-
-    def _server_step(self, g, ss, mean_update):
-        if self.server.plain_average:
-            return jax.tree.map(jnp.add, g, mean_update), ss
-        pseudo_grad = jax.tree.map(jnp.negative, mean_update)  # g - mean(x_c)
-        upd, ss = self.server.tx.update(pseudo_grad, ss, g)
-        return optax.apply_updates(g, upd), ss
 
     # ------------------------------------------------------------------- outputs
     def log_round(self, record: dict) -> None:
@@ -158,14 +151,5 @@ def read_global(workdir: Path, round_: int | None = None) -> dict[str, np.ndarra
             state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     finally:
         ckpt.close()
-    flat = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}/{k}" if prefix else str(k))
-        else:
-            flat[prefix] = np.asarray(node)
-
-    walk(out["state"]["global"], "")
-    return flat
+    leaves = jax.tree_util.tree_flatten_with_path(out["state"]["global"])[0]
+    return {path_to_str(kp): np.asarray(x) for kp, x in leaves}

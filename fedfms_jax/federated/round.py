@@ -182,12 +182,7 @@ class FederatedEngine:
         # changed stays bit-identical (sum_c w_c != 1 exactly in float32).
         mean_update = aggregate.weighted_mean(jax.tree.map(jnp.subtract, new_tr, start), wn)
         any_ok = total > 0
-        if self.server.plain_average:
-            cand, ss = jax.tree.map(jnp.add, g, mean_update), state.server_opt_state
-        else:
-            pseudo_grad = jax.tree.map(jnp.negative, mean_update)  # g - mean(x_c)
-            upd, ss = self.server.tx.update(pseudo_grad, state.server_opt_state, g)
-            cand = optax.apply_updates(g, upd)
+        cand, ss = self.server.step(g, state.server_opt_state, mean_update)
         new_g = jax.tree.map(lambda a, b: jnp.where(any_ok, a, b), cand, g)
         new_ss = jax.tree.map(lambda a, b: jnp.where(any_ok, a, b), ss, state.server_opt_state)
         # A client that did not count this round keeps its pre-round optimizer state.

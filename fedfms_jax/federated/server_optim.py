@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -17,6 +19,14 @@ class ServerOptimizer:
     tx: optax.GradientTransformation
     # True when the step is exactly "global += weighted mean update" (FedAvg).
     plain_average: bool = False
+
+    def step(self, global_params, opt_state, mean_update):
+        """New (global, optimizer state) from the weighted mean of the client updates."""
+        if self.plain_average:
+            return jax.tree.map(jnp.add, global_params, mean_update), opt_state
+        pseudo_grad = jax.tree.map(jnp.negative, mean_update)  # global - mean(x_c)
+        updates, opt_state = self.tx.update(pseudo_grad, opt_state, global_params)
+        return optax.apply_updates(global_params, updates), opt_state
 
 
 def server_optimizer(name: str = "fedavg", **kw) -> ServerOptimizer:

@@ -56,6 +56,11 @@ VIT_CONFIGS = {
     "vit_tiny": ViTConfig(64, 4, 2, (1, 3), window_size=4, out_chans=32),
 }
 
+# The cotangent barrier (see fusion_barrier) pays off only in deep encoders: XLA:CPU's
+# re-fused chain grows with depth squared. Shallow (test) encoders skip it, and with it
+# the host call that keeps JAX from caching their compiled programs on disk.
+BARRIER_MIN_DEPTH = 8
+
 MSA_MLP_SCALE = 0.5  # x + mlp(xn) + 0.5 * MLP_Adapter(xn), as in the MSA original
 
 
@@ -410,8 +415,9 @@ class ImageEncoderViT(nnx.Module):
         run_block = lambda blk, x: blk(x, depth_chunk)  # noqa: E731
         if self.remat:
             run_block = nnx.remat(run_block)
+        barrier = cotangent_barrier if len(self.blocks) >= BARRIER_MIN_DEPTH else (lambda x: x)
         for blk in self.blocks:
-            x = cotangent_barrier(run_block(blk, x))
+            x = barrier(run_block(blk, x))
         for layer in self.neck:
             x = layer(x)
         return x

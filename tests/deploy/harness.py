@@ -82,13 +82,17 @@ class LocalFederation:
                 self.flwr(["supernode", "register", str(pub), "hospitals"], timeout=60)
 
     def start_supernode(self, i: int) -> None:
-        site = self.sites[i]
+        key = self.keys[i][0] if self.auth else None
+        self.start_node(f"supernode_{i}", self.sites[i], key)
+
+    def start_node(self, name: str, site: str, private_key: Path | None) -> subprocess.Popen:
+        """A SuperNode for `site` presenting `private_key` (None: no key of its own)."""
         argv = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                 "--root-certificates", str(self.certs["ca"]),
                 "--port", str(free_port()), "--node-config", f"site='{site}'"]
-        if self.auth:
-            argv += ["--auth-supernode-private-key", str(self.keys[i][0])]
-        self._start(f"supernode_{i}", argv)
+        if private_key is not None:
+            argv += ["--auth-supernode-private-key", str(private_key)]
+        return self._start(name, argv)
 
     def kill(self, name: str) -> None:
         """SIGKILL a started process, its process group and every descendant (Flower

@@ -7,7 +7,7 @@ completes with the others, weights renormalised: equal to the engine's round wit
 client masked out; the node rejoins the next round; nothing lost on the server); a
 FedSAM ViT-B sized payload (375 MB) to a node and back.
 
-flwr must be installed (the [flower] extra): an ImportError here is a failure, not a skip.
+flwr comes with the [test] extra: an ImportError here is a failure, not a skip.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import pytest
 
 from tests.deploy.harness import REPO, LocalFederation
 
-pytestmark = pytest.mark.slow
+# One federation for the module: keep its tests in one xdist worker (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
 
 SITES = ["site0", "site1", "site2"]
 CONFIG = "configs/synthetic.py:tiny=true"
@@ -154,3 +155,24 @@ def test_fedsam_vit_b_payload_round_trip(federation):
     assert out["node_sha256"] == out["sent_sha256"] == out["returned_sha256"]
     assert out["returned_bytes"] == out["bytes"]
     assert out["max_array_chunk_bytes"] < out["bytes"] / 50  # streamed in chunks, not one message
+
+
+@pytest.mark.parametrize("credentials", ["unregistered_key", "no_key"])
+def test_supernode_without_valid_credentials_is_refused(federation, credentials):
+    """A hospital machine whose public key was never registered with
+    `flwr supernode register` (or that presents none) cannot join: its SuperNode exits
+    with Flower's connection error and the federation still lists only the three nodes."""
+    from fedfms_jax.deploy import tls
+    name = f"intruder_{credentials}"
+    key = tls.make_node_keys(federation.root / "certs", name)[0] if credentials == "unregistered_key" else None
+    proc = federation.start_node(name, "site0", key)
+    try:
+        rc = proc.wait(timeout=180)
+    finally:
+        federation.kill(name)
+    log = federation.tail(name)
+    assert rc != 0, log
+    assert "Failed to initialize the connection to the SuperLink" in log, log
+    listed = json.loads(federation.flwr(["supernode", "list", "hospitals", "--format", "json"], timeout=60).stdout)
+    assert listed["success"], listed
+    assert len(listed["nodes"]) == len(SITES), listed

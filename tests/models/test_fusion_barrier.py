@@ -31,3 +31,22 @@ def test_cpu_backward_passes_through_an_opaque_call():
     # must contain the host call (a plain identity would be fused away).
     jaxpr = jax.make_jaxpr(jax.grad(lambda x: _loss(x, True)))(jnp.ones((3,)))
     assert "pure_callback" in str(jaxpr)
+
+
+def _encoder_grad_jaxpr(depth: int) -> str:
+    from flax import nnx
+
+    from fedfms_jax.models.image_encoder import ImageEncoderViT, ViTConfig
+    cfg = ViTConfig(16, depth, 1, (), patch_size=8, window_size=2, out_chans=8)
+    enc = ImageEncoderViT(cfg, 32, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(enc)
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x))  # noqa: E731
+    return str(jax.make_jaxpr(jax.grad(loss))(params, jnp.ones((1, 32, 32, 3))))
+
+
+def test_barrier_only_in_deep_encoders():
+    # Deep encoders (ViT-B and up) get the barrier between blocks; shallow ones do not,
+    # so their programs stay free of host calls and fit JAX's persistent cache.
+    from fedfms_jax.models.image_encoder import BARRIER_MIN_DEPTH
+    assert _encoder_grad_jaxpr(BARRIER_MIN_DEPTH).count("pure_callback") == BARRIER_MIN_DEPTH
+    assert "pure_callback" not in _encoder_grad_jaxpr(BARRIER_MIN_DEPTH - 1)
