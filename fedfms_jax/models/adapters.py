@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedfms_jax.models.mixed_matmul import mixed_dot_general
+from fedfms_jax.models.mixed_matmul import linear_options
 
 from fedfms_jax.models.common import gelu
 
@@ -35,7 +35,7 @@ class Adapter(nnx.Module):
     ):
         hidden = int(dim * mlp_ratio)
         self.skip_connect = skip_connect
-        kw = dict(dtype=dtype, param_dtype=jnp.float32, dot_general=mixed_dot_general, rngs=rngs)
+        kw = dict(param_dtype=jnp.float32, rngs=rngs, **linear_options(dtype))
         self.D_fc1 = nnx.Linear(dim, hidden, **kw)
         if zero_init:
             kw.update(kernel_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros)

@@ -6,9 +6,12 @@ result several times faster than float32 (measured here: 450-650 GFLOP/s against
 `Linear(dtype=bfloat16)` asks for bf16 results, and JAX's own transpose of a
 float32-result product asks for bf16 gradients, so both directions miss the fast path.
 
-`mixed_einsum` keeps bf16 operands, returns float32, and has a backward pass that casts
-the cotangent to bf16 once and again asks for float32 results. Numerically this is
-ordinary mixed precision: operands rounded to bf16, sums in float32.
+`mixed_einsum` casts its operands to bf16 itself, returns float32, and has a backward
+pass that casts the cotangent to bf16 once and again asks for float32 results. Because the
+cast happens inside, a float32 master weight receives its gradient in float32 straight
+from the product: no rounding to bf16 and widening back, two passes over every weight in
+every step. Numerically this is ordinary mixed precision: operands rounded to bf16, sums
+and gradients in float32.
 
 Used only for bf16/fp16 compute on the CPU backend; float32 compute and accelerators
 take the plain path, unchanged.
@@ -20,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-__all__ = ["mixed_einsum", "mixed_dot_general", "use_mixed"]
+__all__ = ["mixed_einsum", "linear_options", "use_mixed"]
 
 F32 = jnp.float32
 
@@ -40,25 +43,31 @@ def _operands(spec: str) -> tuple[str, str, str]:
     return a, b, out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _mixed(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, a, b, preferred_element_type=F32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _mixed(spec: str, dtype, a_dtype, b_dtype, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=F32)
 
 
-def _mixed_fwd(spec, a, b):
-    return _mixed(spec, a, b), (a, b)
+def _mixed_fwd(spec, dtype, a_dtype, b_dtype, a, b):
+    a_low, b_low = a.astype(dtype), b.astype(dtype)
+    return jnp.einsum(spec, a_low, b_low, preferred_element_type=F32), (a_low, b_low)
 
 
-def _mixed_bwd(spec, res, ct):
-    a, b = res
+def _mixed_bwd(spec, dtype, a_dtype, b_dtype, res, ct):
+    a_low, b_low = res
     sa, sb, so = _operands(spec)
-    ct = ct.astype(a.dtype)
-    da = jnp.einsum(f"{so},{sb}->{sa}", ct, b, preferred_element_type=F32).astype(a.dtype)
-    db = jnp.einsum(f"{sa},{so}->{sb}", a, ct, preferred_element_type=F32).astype(b.dtype)
-    return da, db
+    ct = ct.astype(dtype)
+    da = jnp.einsum(f"{so},{sb}->{sa}", ct, b_low, preferred_element_type=F32)
+    db = jnp.einsum(f"{sa},{so}->{sb}", a_low, ct, preferred_element_type=F32)
+    return da.astype(a_dtype), db.astype(b_dtype)
 
 
 _mixed.defvjp(_mixed_fwd, _mixed_bwd)
+
+
+def _product(spec: str, dtype, a: jax.Array, b: jax.Array) -> jax.Array:
+    # The operands' own dtypes ride along so each gradient comes back in its operand's.
+    return _mixed(spec, dtype, a.dtype, b.dtype, a, b)
 
 
 def mixed_einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
@@ -66,23 +75,33 @@ def mixed_einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
 
     On the CPU with a reduced `dtype`: the custom-gradient path above. Elsewhere: a plain
     einsum in `dtype` with a float32 result (what XLA's accelerators do well)."""
-    a, b = a.astype(dtype), b.astype(dtype)
     if use_mixed(dtype):
         _operands(spec)
-        return _mixed(spec, a, b)
-    return jnp.einsum(spec, a, b, preferred_element_type=F32)
+        return _product(spec, dtype, a, b)
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=F32)
 
 
-def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-    """A `dot_general` for `nnx.Linear(dot_general=...)`: x[..., K] @ w[K, N].
+def _unpromoted(arrays, dtype=None, **kwargs):
+    """nnx.Linear's dtype promotion, skipped: the mixed product casts inside."""
+    return arrays
 
-    On the CPU with bf16 operands it returns float32 through the same custom-gradient
-    product as `mixed_einsum`; otherwise it is `lax.dot_general` unchanged."""
-    if not use_mixed(lhs.dtype):
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type, **kwargs)
+
+def _mixed_dot_general(lhs, rhs, dimension_numbers, *, compute_dtype, **kwargs):
+    """x[..., K] @ w[K, N] through the mixed product (Linear's other options are moot)."""
     (lc, rc), (lb, rb) = dimension_numbers
     if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim != 2:
-        raise ValueError(f"mixed_dot_general handles x[..., K] @ w[K, N] only, got {dimension_numbers}")
-    y = _mixed("mk,kn->mn", lhs.reshape(-1, lhs.shape[-1]), rhs)
+        raise ValueError(f"the mixed Linear handles x[..., K] @ w[K, N] only, got {dimension_numbers}")
+    y = _product("mk,kn->mn", compute_dtype, lhs.reshape(-1, lhs.shape[-1]), rhs)
     return y.reshape(*lhs.shape[:-1], rhs.shape[1])
+
+
+def linear_options(dtype) -> dict:
+    """`nnx.Linear` keyword arguments for a layer computing in `dtype`.
+
+    On the CPU with a reduced dtype the layer keeps its float32 kernel, bias and input
+    and multiplies through the mixed product (float32 result, float32 kernel gradient);
+    elsewhere it is Linear's own promotion to `dtype`."""
+    if not use_mixed(dtype):
+        return dict(dtype=dtype)
+    return dict(dtype=dtype, promote_dtype=_unpromoted,
+                dot_general=functools.partial(_mixed_dot_general, compute_dtype=dtype))

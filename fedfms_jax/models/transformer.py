@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedfms_jax.models.mixed_matmul import mixed_dot_general
+from fedfms_jax.models.mixed_matmul import linear_options
 
 TRANSFORMER_LN_EPS = 1e-5
 
@@ -30,8 +30,7 @@ def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def linear(i: int, o: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     """Linear layer with `dtype` inputs and a float32 result."""
-    return nnx.Linear(i, o, dtype=dtype, preferred_element_type=jnp.float32, dot_general=mixed_dot_general,
-                      rngs=rngs)
+    return nnx.Linear(i, o, preferred_element_type=jnp.float32, rngs=rngs, **linear_options(dtype))
 
 
 class Attention(nnx.Module):

@@ -1,12 +1,12 @@
-"""mixed_einsum / mixed_dot_general: bf16 operands, float32 sums and results, and a
-backward pass that matches the float32 gradient to bf16 accuracy."""
+"""mixed_einsum / linear_options: bf16 operands, float32 sums and results, and a backward
+pass that matches the float32 gradient to bf16 accuracy and returns it in float32."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from fedfms_jax.models.mixed_matmul import mixed_dot_general, mixed_einsum, use_mixed
+from fedfms_jax.models.mixed_matmul import linear_options, mixed_einsum, use_mixed
 
 BF = jnp.bfloat16
 
@@ -37,6 +37,8 @@ def test_values_and_gradients(spec, shapes):
     ga, gb = jax.grad(loss(lambda a, b: mixed_einsum(spec, a, b, BF)), argnums=(0, 1))(a, b)
     ra, rb = jax.grad(loss(lambda a, b: jnp.einsum(spec, a, b)), argnums=(0, 1))(a, b)
     assert ga.dtype == a.dtype and gb.dtype == b.dtype
+    # float32 operands get float32 gradients, not bf16 ones widened back.
+    assert not np.array_equal(rounded(gb), gb) and not np.array_equal(rounded(ga), ga)
     for g, r in ((ga, ra), (gb, rb)):
         assert float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r)) < 2e-2
 
@@ -53,12 +55,20 @@ def test_refuses_specs_it_cannot_differentiate():
         mixed_einsum("mk,kn->n", a, b, BF)
 
 
-def test_linear_with_mixed_dot_general():
+def test_linear_options():
     x = jax.random.normal(jax.random.key(2), (2, 5, 16))
     plain = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
-    mixed32 = nnx.Linear(16, 8, dot_general=mixed_dot_general, rngs=nnx.Rngs(0))
-    mixed16 = nnx.Linear(16, 8, dtype=BF, dot_general=mixed_dot_general, rngs=nnx.Rngs(0))
+    mixed32 = nnx.Linear(16, 8, rngs=nnx.Rngs(0), **linear_options(jnp.float32))
+    mixed16 = nnx.Linear(16, 8, rngs=nnx.Rngs(0), **linear_options(BF))
     np.testing.assert_array_equal(mixed32(x), plain(x))  # float32: untouched
     y = mixed16(x)
     assert y.shape == (2, 5, 8) and y.dtype == jnp.float32
     assert float(jnp.linalg.norm(y - plain(x)) / jnp.linalg.norm(plain(x))) < 1e-2
+
+    def kernel_grad(layer):
+        return nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(layer).kernel[...]
+
+    got, want = kernel_grad(mixed16), kernel_grad(plain)
+    assert got.dtype == jnp.float32 and mixed16.kernel[...].dtype == jnp.float32
+    assert not np.array_equal(got.astype(BF).astype(jnp.float32), got)  # not rounded to bf16
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 2e-2
