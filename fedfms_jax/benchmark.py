@@ -26,7 +26,6 @@ import sys
 import jax
 
 from fedfms_jax.benchmarking import report
-from fedfms_jax.host_memory import retain_freed_memory
 
 
 def load_config(spec: str):
@@ -84,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.no_torch:
         cfg.torch = False
     load_before = list(os.getloadavg())
-    result = {"host_memory_retained": retain_freed_memory()}  # both frameworks share the allocator
-    result.update(run(cfg))
+    result = run(cfg)
     # Other processes on a shared machine slow both sides; keep the load with the figures.
     result["load_average_before"] = load_before
     if cfg.mode == "profile":

@@ -25,7 +25,6 @@ from fedfms_jax import config_cli, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.cli_errors import DivergedError, UsageError, run_cli
 from fedfms_jax.evaluate import evaluate_federation, format_table
-from fedfms_jax.host_memory import retain_freed_memory
 
 # Test hook: SIGKILL this process right after the checkpoint of this round is written.
 KILL_AFTER_ENV = "FEDFMS_KILL_AFTER_ROUND"
@@ -82,7 +81,6 @@ def log(msg: str) -> None:
 def main(argv: Sequence[str]) -> int:
     cfg, workdir = parse_config(argv)
     run_state.enable_compilation_cache()
-    retain_freed_memory()  # each round then reuses its host pages instead of faulting in new ones
     path, resuming = wd.prepare(workdir, cfg)  # refuses before anything is written
 
     # ---------------------------------------------------------- data / model / optimizer / mesh
