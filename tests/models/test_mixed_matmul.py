@@ -11,6 +11,10 @@ from fedfms_jax.models.mixed_matmul import linear_options, mixed_einsum, use_mix
 BF = jnp.bfloat16
 
 
+def rounded(t):
+    return t.astype(BF).astype(jnp.float32)
+
+
 def _operands(spec_shapes, seed=0):
     ka, kb = jax.random.split(jax.random.key(seed))
     return jax.random.normal(ka, spec_shapes[0]), jax.random.normal(kb, spec_shapes[1])
@@ -25,7 +29,6 @@ def _operands(spec_shapes, seed=0):
 def test_values_and_gradients(spec, shapes):
     assert use_mixed(BF)  # the tests run on the CPU backend
     a, b = _operands(shapes)
-    rounded = lambda t: t.astype(BF).astype(jnp.float32)  # noqa: E731
     got = mixed_einsum(spec, a, b, BF)
     assert got.dtype == jnp.float32
     # Products of bf16 values are exact in float32: only the summation order differs.
@@ -70,5 +73,5 @@ def test_linear_options():
 
     got, want = kernel_grad(mixed16), kernel_grad(plain)
     assert got.dtype == jnp.float32 and mixed16.kernel[...].dtype == jnp.float32
-    assert not np.array_equal(got.astype(BF).astype(jnp.float32), got)  # not rounded to bf16
+    assert not np.array_equal(rounded(got), got)  # not rounded to bf16
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 2e-2
