@@ -216,21 +216,54 @@ class Attention(nnx.Module):
         self.rel_pos_h = nnx.Param(jnp.zeros((2 * input_size[0] - 1, head_dim), jnp.float32))
         self.rel_pos_w = nnx.Param(jnp.zeros((2 * input_size[1] - 1, head_dim), jnp.float32))
 
-    def attend(self, qkv: jax.Array) -> jax.Array:
-        """Projected qkv [B, H, W, 3*dim] -> attention output before `proj`, [B, H, W, dim]."""
+    def attend(self, qkv: jax.Array, query_hw: tuple[int, int] | None = None) -> jax.Array:
+        """Projected qkv [B, H, W, 3*dim] -> attention output before `proj`.
+
+        query_hw (qh, qw): answer only the queries of the top-left qh x qw corner (all
+        H x W tokens stay keys) -> [B, qh, qw, dim]; default all, [B, H, W, dim]."""
         B, H, W, three_dim = qkv.shape
+        qh, qw = query_hw or (H, W)
         nh = self.num_heads
         hd = three_dim // 3 // nh
         qkv = qkv.astype(self.dtype)  # float32 when the projection took the mixed path
         # A split, not an index into a [.., 3, heads, hd] view: its gradient is one
         # concatenate, where the indexed view's is three padded copies summed with every
         # element evaluating all three (a ViT-B block trains 5-7 % faster on a CPU).
-        q, k, v = (t.reshape(B, H * W, nh, hd).transpose(0, 2, 1, 3)  # [B, heads, N, hd]
-                   for t in jnp.split(qkv, 3, axis=-1))
-        rh = get_rel_pos(H, H, self.rel_pos_h[...]).astype(q.dtype)  # [H, H, hd]
-        rw = get_rel_pos(W, W, self.rel_pos_w[...]).astype(q.dtype)  # [W, W, hd]
-        out = rel_pos_attention(q, k, v, rh, rw, (H, W), self.scale)
-        return out.transpose(0, 2, 1, 3).reshape(B, H, W, nh * hd)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        heads = lambda t: t.reshape(B, -1, nh, hd).transpose(0, 2, 1, 3)  # noqa: E731
+        rh = get_rel_pos(H, H, self.rel_pos_h[...])[:qh].astype(q.dtype)  # [qh, H, hd]
+        rw = get_rel_pos(W, W, self.rel_pos_w[...])[:qw].astype(q.dtype)  # [qw, W, hd]
+        out = rel_pos_attention(heads(q[:, :qh, :qw]), heads(k), heads(v), rh, rw, self.scale)
+        return out.transpose(0, 2, 1, 3).reshape(B, qh, qw, nh * hd)
+
+    def attend_windows(self, qkv: jax.Array, ws: int, hw: tuple[int, int]) -> jax.Array:
+        """Windowed attention of the real tokens: qkv [B, Hp, Wp, 3*dim], padded to whole
+        ws x ws windows -> [B, H, W, dim], hw = (H, W) the unpadded grid.
+
+        The padded queries' outputs are cropped away, so only real queries are answered:
+        edge windows ask for their real rows/columns (a top-left corner of the window),
+        grouped into at most four bands of equal shape. At 256 input (16x16 grid in four
+        14x14 windows) that is 256 query rows instead of 784, the same function."""
+        B, Hp, Wp, C3 = qkv.shape
+        windows = _window_partition(qkv, ws).reshape(B, Hp // ws, Wp // ws, ws, ws, C3)
+
+        def bands(n: int) -> list[tuple[slice, int]]:
+            """(window indices, real tokens per window) of the whole and the edge windows."""
+            whole, rest = divmod(n, ws)
+            out = [(slice(0, whole), ws)] if whole else []
+            return out + [(slice(whole, whole + 1), rest)] if rest else out
+
+        def region(rows: slice, qh: int, cols: slice, qw: int) -> jax.Array:
+            w = windows[:, rows, cols]
+            nr, nc = w.shape[1:3]
+            out = self.attend(w.reshape(-1, ws, ws, C3), (qh, qw))
+            out = out.reshape(B, nr, nc, qh, qw, -1).transpose(0, 1, 3, 2, 4, 5)
+            return out.reshape(B, nr * qh, nc * qw, -1)
+
+        return jnp.concatenate([
+            jnp.concatenate([region(r, qh, c, qw) for c, qw in bands(hw[1])], axis=2)
+            for r, qh in bands(hw[0])
+        ], axis=1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.proj(self.attend(self.qkv(x)))
@@ -313,10 +346,9 @@ class Block(nnx.Module):
         # 256 input (16x16 grid padded to 28x28).
         pad_qkv = self.attn.qkv(pad_xn[None])[0]
         qkv = _pad_tokens(self.attn.qkv(xn), hw_p, pad_qkv)
-        out = self.attn.attend(_window_partition(qkv, ws))
-        # Padded tokens are dropped by the unpartition: crop first, then run the output
-        # projection and the per-token adapters on the real tokens only.
-        out = self.attn.proj(_window_unpartition(out, hw_p, (H, W)))
+        # Padded tokens' outputs would be dropped: answer, project and adapt the real
+        # tokens only.
+        out = self.attn.proj(self.attn.attend_windows(qkv, ws, (H, W)))
         if self.adapters:
             out = self.Space_Adapter(out)
         if depth_chunk:

@@ -22,9 +22,9 @@ def _rel_err(a, b):
 
 def test_row_blocks_respect_the_score_budget():
     # A 64x64 grid (ViT-B global attention at 1024) is split into 8 blocks of 8 rows.
-    assert rpa._rows_per_block(64, 64) == 8
-    assert rpa._rows_per_block(14, 14) == 14  # a whole window in one block
-    assert rpa._rows_per_block(48, 48) == 16  # largest divisor of 48 within budget
+    assert rpa._rows_per_block(64, 64, 64 * 64) == 8
+    assert rpa._rows_per_block(14, 14, 14 * 14) == 14  # a whole window in one block
+    assert rpa._rows_per_block(48, 48, 48 * 48) == 16  # largest divisor of 48 within budget
 
 
 @pytest.mark.parametrize("hw", [(48, 48), (14, 14), (6, 10)])
@@ -32,7 +32,7 @@ def test_blockwise_equals_full_values_and_gradients(hw):
     H, W = hw
     args = _inputs(2, 2, H, W, 8)
     scale = 8**-0.5
-    run = lambda impl: lambda *a: rpa.rel_pos_attention(*a, (H, W), scale, impl)  # noqa: E731
+    run = lambda impl: lambda *a: rpa.rel_pos_attention(*a, scale, impl)  # noqa: E731
     full, block = run("full")(*args), run("blockwise")(*args)
     err = _rel_err(block, full)
     print(f"blockwise vs full {hw}: rel. err {err:.2e}")
@@ -45,12 +45,39 @@ def test_blockwise_equals_full_values_and_gradients(hw):
         assert _rel_err(gb, gf) < 1e-5, name
 
 
+@pytest.mark.parametrize("impl", ["full", "blockwise"])
+def test_corner_queries_equal_the_full_grid_cropped(impl):
+    # Queries of the top-left qh x qw corner only (an edge window's real tokens) against
+    # every key: the same rows as the whole grid's attention, and the same gradients.
+    H, W, qh, qw, hd = 6, 6, 2, 4, 8
+    q, k, v, rh, rw = _inputs(2, 2, H, W, hd, seed=3)
+    corner = lambda t: t.reshape(2, 2, H, W, hd)[:, :, :qh, :qw].reshape(2, 2, qh * qw, hd)  # noqa: E731
+
+    def cropped(q, k, v, rh, rw):
+        return corner(rpa.rel_pos_attention(q, k, v, rh, rw, 0.3, "full"))
+
+    def direct(q, k, v, rh, rw):
+        return rpa.rel_pos_attention(corner(q), k, v, rh[:qh], rw[:qw], 0.3, impl)
+
+    assert _rel_err(direct(q, k, v, rh, rw), cropped(q, k, v, rh, rw)) < 1e-6
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2, 3, 4))(q, k, v, rh, rw)
+             for f in (direct, cropped)]
+    for name, gd, gc in zip("q k v rh rw".split(), *grads):
+        assert _rel_err(gd, gc) < 1e-5, name
+
+
+def test_mismatched_grids_are_refused():
+    q, k, v, rh, rw = _inputs(1, 1, 4, 4, 4)
+    with pytest.raises(ValueError, match="do not match the rel-pos grids"):
+        rpa.rel_pos_attention(q, k, v, rh[:2], rw, 0.5)
+
+
 def test_blockwise_bf16_stays_close_to_float32():
     H = W = 16
     args32 = _inputs(1, 2, H, W, 16)
     args16 = tuple(a.astype(jnp.bfloat16) for a in args32)
-    ref = rpa.rel_pos_attention(*args32, (H, W), 0.25, "full")
-    out = rpa.rel_pos_attention(*args16, (H, W), 0.25, "blockwise")
+    ref = rpa.rel_pos_attention(*args32, 0.25, "full")
+    out = rpa.rel_pos_attention(*args16, 0.25, "blockwise")
     assert out.dtype == jnp.bfloat16
     assert _rel_err(out, ref) < 1e-2
 
@@ -58,4 +85,4 @@ def test_blockwise_bf16_stays_close_to_float32():
 def test_unknown_impl_is_refused():
     args = _inputs(1, 1, 2, 2, 4)
     with pytest.raises(ValueError, match="unknown attention impl"):
-        rpa.rel_pos_attention(*args, (2, 2), 0.5, "flash")
+        rpa.rel_pos_attention(*args, 0.5, "flash")
