@@ -83,5 +83,7 @@ def client_finite(stacked, loss):
     """[C] bool: every trainable leaf of the client's update and its loss are finite."""
     ok = jnp.isfinite(loss)
     for x in jax.tree.leaves(stacked):
-        ok = ok & jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+        # max|x| is NaN/inf exactly when some element is (max propagates NaN, and cannot
+        # overflow), and XLA:CPU reduces it ~2.5x faster than a predicate all().
+        ok = ok & jnp.isfinite(jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim))))
     return ok

@@ -184,3 +184,16 @@ def test_fedprox_and_fresh_client_optimizer(four_devices):
                          for a, b in zip(jax.tree.leaves(state.global_params), g0)))
     # the proximal pull towards the round's starting point shortens the step
     assert 0 < moved[1] < moved[0]
+
+
+def test_client_finite_flags_nan_and_inf_but_not_large_values():
+    big = np.finfo(np.float32).max
+    leaf = np.ones((5, 3, 4), np.float32)
+    leaf[0, 1, 2] = np.nan
+    leaf[1, 2, 3] = np.inf
+    leaf[2, 0, 0] = -np.inf
+    leaf[3] = big  # finite, and would overflow a sum
+    bias = np.zeros((5, 4), np.float32)
+    loss = np.array([0.1, 0.2, 0.3, 0.4, np.nan], np.float32)
+    ok = aggregate.client_finite({"w": jnp.asarray(leaf), "b": jnp.asarray(bias)}, jnp.asarray(loss))
+    assert list(np.asarray(ok)) == [False, False, False, True, False]
