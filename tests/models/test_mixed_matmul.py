@@ -1,5 +1,7 @@
 """mixed_einsum / linear_options: bf16 operands, float32 sums and results, and a backward
 pass that matches the float32 gradient to bf16 accuracy and returns it in float32."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,3 +77,35 @@ def test_linear_options():
     assert got.dtype == jnp.float32 and mixed16.kernel[...].dtype == jnp.float32
     assert not np.array_equal(rounded(got), got)  # not rounded to bf16
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 2e-2
+
+
+def _dot_operand_dtypes(hlo: str) -> list[tuple[str, ...]]:
+    """Element types of every dot's operands in compiled HLO text (fusions included)."""
+    dtypes, dots = {}, []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = (\w+)\[", line)
+        if m:
+            dtypes[m.group(1)] = m.group(2)
+        m = re.search(r" dot\((%[\w.\-]+), (%[\w.\-]+)\)", line)
+        if m:
+            dots.append(m.groups())
+        for name, dtype in re.findall(r"(%?[\w.\-]+): (\w+)\[", line):  # computation params
+            dtypes["%" + name.lstrip("%")] = dtype
+    return [tuple(dtypes[o] for o in operands) for operands in dots]
+
+
+def test_linear_gradients_keep_bf16_operands():
+    # XLA:CPU runs a bf16 product whose left operand contracts its leading axis in float32
+    # (upcast operands); the weight gradient must reach the product with bf16 operands.
+    layer = nnx.Linear(64, 96, param_dtype=jnp.float32, rngs=nnx.Rngs(0), **linear_options(BF))
+    x = jax.random.normal(jax.random.key(1), (32, 64))
+
+    graph, params = nnx.split(layer)
+
+    def loss(params, x):
+        return jnp.sum(jnp.sin(nnx.merge(graph, params)(x)))
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+    operand_dtypes = _dot_operand_dtypes(hlo)
+    assert len(operand_dtypes) == 3  # forward, input gradient, weight gradient
+    assert all(dts == ("bf16", "bf16") for dts in operand_dtypes), operand_dtypes
