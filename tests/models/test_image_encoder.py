@@ -18,11 +18,14 @@ from flax import nnx
 
 from fedfms_jax.models.image_encoder import (
     VIT_CONFIGS,
+    Attention,
     ImageEncoderViT,
     ViTConfig,
     get_rel_pos,
     resize_pos_embed,
     resize_rel_pos,
+    _window_partition,
+    _window_unpartition,
 )
 from tests.models._torch_utils import (
     load_torch_state_into_flax,
@@ -345,19 +348,10 @@ def test_vit_b_1024_matches_official_sam():
     check("vit_b@1024 vs segment_anything", run_jax(model, x), expected)
 
 
-if __name__ == "__main__":
-    if "--regen" in sys.argv:
-        import tests.conftest  # noqa: F401  (XLA flags, matmul precision)
-
-        regenerate_goldens()
-
-
 @pytest.mark.parametrize("hw", [(10, 10), (3, 9), (8, 6)])
 def test_windowed_attention_answers_real_queries_only_exactly(hw):
     # attend_windows skips the padded queries; it must equal attending over every padded
     # window and cropping, in values and in gradients (edge bands, corner, no edge).
-    from fedfms_jax.models.image_encoder import Attention, _window_partition, _window_unpartition
-
     ws, dim = 4, 16
     attn = Attention(dim, 2, (ws, ws), dtype=jnp.float32, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
@@ -375,3 +369,10 @@ def test_windowed_attention_answers_real_queries_only_exactly(hw):
     assert rel_err(real_only(qkv), cropped(qkv)) < 1e-6
     grads = [jax.jit(jax.grad(lambda x, f=f: jnp.sum(jnp.sin(f(x)))))(qkv) for f in (real_only, cropped)]
     assert rel_err(*grads) < 1e-6
+
+
+if __name__ == "__main__":
+    if "--regen" in sys.argv:
+        import tests.conftest  # noqa: F401  (XLA flags, matmul precision)
+
+        regenerate_goldens()
