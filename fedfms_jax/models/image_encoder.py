@@ -175,11 +175,12 @@ def _window_partition(x: jax.Array, ws: int) -> jax.Array:
 
 
 def _window_unpartition(w: jax.Array, hw_padded: tuple[int, int], hw: tuple[int, int]) -> jax.Array:
-    """Inverse of `_window_partition`, cropping the padding: -> [B, H, W, C]."""
+    """Inverse of `_window_partition` (windows [.., wh, ww, C], row-major), cropping the
+    padding: -> [B, H, W, C]."""
     Hp, Wp = hw_padded
-    ws = w.shape[1]
-    B = w.shape[0] // ((Hp // ws) * (Wp // ws))
-    x = w.reshape(B, Hp // ws, Wp // ws, ws, ws, -1).transpose(0, 1, 3, 2, 4, 5)
+    wh, ww = w.shape[1:3]
+    B = w.shape[0] // ((Hp // wh) * (Wp // ww))
+    x = w.reshape(B, Hp // wh, Wp // ww, wh, ww, -1).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(B, Hp, Wp, -1)[:, : hw[0], : hw[1]]
 
 
@@ -256,9 +257,8 @@ class Attention(nnx.Module):
         def region(rows: slice, qh: int, cols: slice, qw: int) -> jax.Array:
             w = windows[:, rows, cols]
             nr, nc = w.shape[1:3]
-            out = self.attend(w.reshape(-1, ws, ws, C3), (qh, qw))
-            out = out.reshape(B, nr, nc, qh, qw, -1).transpose(0, 1, 3, 2, 4, 5)
-            return out.reshape(B, nr * qh, nc * qw, -1)
+            out = self.attend(w.reshape(-1, ws, ws, C3), (qh, qw))  # [B*nr*nc, qh, qw, C]
+            return _window_unpartition(out, (nr * qh, nc * qw), (nr * qh, nc * qw))
 
         return jnp.concatenate([
             jnp.concatenate([region(r, qh, c, qw) for c, qw in bands(hw[1])], axis=2)
