@@ -2,19 +2,37 @@
 
 Four fake CPU devices so that sharding code runs over a real multi-device mesh.
 The flag must be set before jax is imported anywhere.
+
+Compiling dominates the suite on a small CPU machine, and many tests compile the same
+programs: in both xdist workers, and in the training CLI and Flower processes they start.
+One persistent compilation cache, made afresh for each run and passed on through the
+environment, serves them all. Being fresh, it keeps the suite's timing that of a new
+machine and leaves the user's own cache alone.
 """
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process of the run
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE = tempfile.mkdtemp(prefix="fedfms-test-jax-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+else:
+    _OWN_CACHE = None
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # Parity tests compare with float32 PyTorch: keep XLA from lowering matmul precision.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:  # only the process that made the cache removes it
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def stub_torchvision():

@@ -340,14 +340,6 @@ def test_vit_b_256_msa_matches_reference():
     check("vit_b@256 msa depth 2", run_jax(model, x, 2), run_torch(ref, x, 2))
 
 
-@pytest.mark.slow
-def test_vit_b_1024_matches_official_sam():
-    model, sd = build_flax("vit_b", 1024, seed=26)
-    x = make_input(27, 1, 1024)
-    expected = run_torch(official_sam_encoder("vit_b", 1024, sd), x)
-    check("vit_b@1024 vs segment_anything", run_jax(model, x), expected)
-
-
 @pytest.mark.parametrize("hw", [(10, 10), (3, 9), (8, 6)])
 def test_windowed_attention_answers_real_queries_only_exactly(hw):
     # attend_windows skips the padded queries; it must equal attending over every padded
