@@ -3,11 +3,11 @@
 Four fake CPU devices so that sharding code runs over a real multi-device mesh.
 The flag must be set before jax is imported anywhere.
 
-Compiling dominates the suite on a small CPU machine, and many tests compile the same
-programs: in both xdist workers, and in the training CLI and Flower processes they start.
-One persistent compilation cache, made afresh for each run and passed on through the
-environment, serves them all. Being fresh, it keeps the suite's timing that of a new
-machine and leaves the user's own cache alone.
+One persistent compilation cache per run, made afresh and passed on through the
+environment, serves both xdist workers and the training CLI and Flower processes the
+tests start (which would otherwise use the user's cache under ~/.cache). The suite then
+neither writes into the user's cache nor runs faster because an earlier run filled it:
+its time is that of a new machine.
 """
 import os
 import shutil
