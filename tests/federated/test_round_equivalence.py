@@ -104,7 +104,9 @@ def _tiny_sam():
 
     cfg = SamConfig(encoder="vit_tiny", image_size=32, adapters=True, prompt_free=True,
                     pixel_norm="unit")
-    return nnx.jit(lambda: build_sam(cfg, rngs=nnx.Rngs(0)))()
+    # Built eagerly: its per-shape initialiser programs come from the run's compilation
+    # cache once any vit_tiny model was built; one jitted build would compile anew.
+    return build_sam(cfg, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.slow

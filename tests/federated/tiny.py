@@ -175,7 +175,8 @@ def sequential_fedavg(model, trainable_paths, per_round_batches, weights, rounds
     step = _reference_step(graphdef, trainable_paths, opt, pos_weight, forward or tiny_forward)
 
     n = len(weights)
-    opts = [tx.init(glob) for _ in range(n)]
+    init_opt = jax.jit(tx.init)  # one program, not one per leaf shape
+    opts = [init_opt(glob) for _ in range(n)]
     w = np.asarray(weights, np.float64)
     for r in range(rounds):
         results = []
@@ -184,7 +185,7 @@ def sequential_fedavg(model, trainable_paths, per_round_batches, weights, rounds
                 results.append(None)
                 continue
             tr = glob
-            opt = opts[c] if keep_opt_state else tx.init(glob)
+            opt = opts[c] if keep_opt_state else init_opt(glob)
             for img, m in per_round_batches[r][c]:
                 tr, opt = step(tr, opt, other, jnp.asarray(img), jnp.asarray(m))
             opts[c] = opt
@@ -197,7 +198,7 @@ def sequential_fedavg(model, trainable_paths, per_round_batches, weights, rounds
             for c in range(n):
                 if leaves[c] is not None:
                     acc += ws[c] * np.asarray(leaves[c][li], np.float64)
-            new.append(jnp.asarray(acc, jnp.float32))
+            new.append(jnp.asarray(acc.astype(np.float32)))  # host cast: no program per shape
         glob = jax.tree.unflatten(jax.tree.structure(glob), new)
     kl, _ = jax.tree_util.tree_flatten_with_path(glob)
     from fedfms_jax.federated.partition import path_to_str

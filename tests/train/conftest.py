@@ -9,6 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--config", str(REPO / "configs" / "synthetic.py") + ":tiny=true"]
+# Tests that use the tiny run share one xdist worker, so that it trains once per session.
+TINY_RUN_GROUP = pytest.mark.xdist_group("tiny_run")
 
 
 def snapshot(path: Path) -> dict:

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from fedfms_jax import evaluate, predict
-from tests.train.conftest import TINY, snapshot
+from tests.train.conftest import TINY, TINY_RUN_GROUP, snapshot
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, TINY_RUN_GROUP]
 BLOCK_KEYS = {"dice", "dice_thresh_avg", "iou", "iou_thresh_avg", "n"}
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from fedfms_jax import train
 from fedfms_jax.cli_errors import run_cli
-from tests.train.conftest import TINY, snapshot
+from tests.train.conftest import TINY, TINY_RUN_GROUP, snapshot
 
 
 def _run(argv, capsys):
@@ -45,6 +45,7 @@ CASES = {
 
 
 @pytest.mark.slow
+@TINY_RUN_GROUP
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_leaves_existing_workdir_untouched(tiny_run, tmp_path, capsys, case):
     extra, needle = CASES[case]
@@ -67,6 +68,7 @@ def test_bad_input_leaves_existing_workdir_untouched(tiny_run, tmp_path, capsys,
 
 
 @pytest.mark.slow
+@TINY_RUN_GROUP
 def test_checkpoint_of_another_variant(tiny_run, tmp_path, capsys):
     weights = _variant_weights(tmp_path)
     before = snapshot(tiny_run)

@@ -7,34 +7,33 @@ import pytest
 
 from fedfms_jax import run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
-from tests.train.conftest import TINY, run_module
+from tests.train.conftest import TINY, TINY_RUN_GROUP, run_module
 
 pytestmark = pytest.mark.slow
-ARGS = [*TINY, "--config.rounds=3"]
 
 
 def _final_state(workdir):
     run = run_state.restore_run(workdir)
-    assert run.round == 3
+    assert run.round == 2
     return jax.tree.map(np.asarray, run_state.to_tree(run.state))
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path):
+@TINY_RUN_GROUP
+def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_run):
+    """The uninterrupted run is the session's tiny run (the same command, 2 rounds)."""
     from fedfms_jax import train
     killed = tmp_path / "killed"
-    proc = run_module("fedfms_jax.train", [*ARGS, "--workdir", str(killed)],
+    proc = run_module("fedfms_jax.train", [*TINY, "--workdir", str(killed)],
                       env_extra={train.KILL_AFTER_ENV: "1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert Checkpointer(killed / wd.CKPT_DIR).latest_round() == 1
     assert not (killed / wd.RESULTS_FILE).exists()
 
-    proc = run_module("fedfms_jax.train", [*ARGS, "--workdir", str(killed)])  # the same command again
+    proc = run_module("fedfms_jax.train", [*TINY, "--workdir", str(killed)])  # the same command again
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "continuing after round 1" in proc.stdout
 
-    straight = tmp_path / "straight"
-    assert train.main([*ARGS, "--workdir", str(straight)]) == 0
-
+    straight = tiny_run
     a, b = _final_state(killed), _final_state(straight)
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -43,7 +42,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     rb = json.loads((straight / wd.RESULTS_FILE).read_text())
     assert ra["final"] == rb["final"] and ra["initial"] == rb["initial"]
     rounds = [json.loads(l)["round"] for l in (killed / wd.METRICS_FILE).read_text().splitlines()]
-    assert rounds == [0, 1, 2, 3]
+    assert rounds == [0, 1, 2]
 
 
 def test_nan_loss_stops_naming_round_and_client(tmp_path, monkeypatch, capsys):
@@ -61,7 +60,7 @@ def test_nan_loss_stops_naming_round_and_client(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(run_state, "client_optimizer", poisoned)
     workdir = tmp_path / "nan"
-    code = run_cli(train.main, [*ARGS, "--workdir", str(workdir)], "train")
+    code = run_cli(train.main, [*TINY, "--workdir", str(workdir)], "train")
     err = capsys.readouterr().err.strip()
     assert code == 3, err
     assert len(err.splitlines()) == 1 and "round 2" in err and "client site1" in err, err
