@@ -1,11 +1,13 @@
 """Evaluation of a global (or per-site) model, and the `evaluate` command.
 
-    python -m fedfms_jax.evaluate --workdir DIR [--round R] [--out FILE]
+    python -m fedfms_jax.evaluate --workdir DIR [--weights MODEL] [--round R] [--out FILE]
 
-re-evaluates the model saved in a training work dir (latest round unless --round):
-each trained site's validation split and the unseen site's full data, Dice/IoU both
-standard and threshold-averaged as the original. Results go to DIR/eval_round<R>.json
-(or --out) and a table on the terminal.
+scores a model on the data of the run in work dir DIR: each trained site's validation
+split and the unseen site's full data, Dice/IoU both standard and threshold-averaged as
+the original. The model is DIR's final/ (or the global model of checkpoint --round R),
+or MODEL: a model directory or another work dir. It is loaded on its own; the dataset is
+built only to score it. Results go to DIR/eval_round<R>.json (or --out) and a table on
+the terminal.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedfms_jax import metrics
+from fedfms_jax import metrics, workdir as wd
 from fedfms_jax.cli_errors import UsageError, run_cli
 
 
@@ -119,22 +121,30 @@ def format_table(result: dict, title: str = "") -> str:
 
 # ---------------------------------------------------------------------------- command line
 def main(argv: Sequence[str]) -> int:
-    from fedfms_jax import run_state
+    from fedfms_jax import run_state, trained_model
     from fedfms_jax.config_cli import split_argv
-    flags, overrides = split_argv(argv, ("workdir", "round", "out"))
+    flags, overrides = split_argv(argv, ("workdir", "weights", "round", "out"))
     if overrides:
         raise UsageError("evaluate takes no --config overrides: it uses the work dir's config.json")
     if "workdir" not in flags:
         raise UsageError("--workdir DIR is required")
     workdir = Path(flags["workdir"])
     rnd = int(flags["round"]) if "round" in flags else None
-    run = run_state.restore_run(workdir, rnd)
-    result = evaluate_federation(run.eval_step, run.params_for_site, run.fed, run.train_sites,
-                                 run.unseen_site, run.cfg)
-    result["round"] = run.round
-    out = Path(flags.get("out") or workdir / f"eval_round{run.round}.json")
+    cfg = wd.load_config(workdir)
+    source = Path(flags.get("weights") or workdir)
+    trained = trained_model.load_trained(source, rnd)  # the model first: no data is needed for it
+    own = {}
+    if cfg["mode"] == "local" and source == workdir:  # each site scores itself with its own model
+        own = trained_model.site_trainables(workdir, trained.round)
+    sc = run_state.scoring(cfg, trained.model, own)
+    step = make_eval_step(sc.graphdef, sc.partition, sc.forward)
+    result = evaluate_federation(step, sc.params_for_site, sc.fed, sc.train_sites, sc.unseen_site, cfg)
+    result["round"] = trained.round
+    name = f"eval_round{trained.round}.json" if trained.round is not None else "eval.json"
+    out = Path(flags.get("out") or workdir / name)
     out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    print(format_table(result, f"global model of {workdir} at round {run.round}"))
+    model_txt = f"global model of {workdir} at round {trained.round}" if source == workdir else f"model {source}"
+    print(format_table(result, model_txt))
     print(f"wrote {out}")
     return 0
 

@@ -3,8 +3,9 @@
     python -m fedfms_jax.predict --weights DIR --input FILE --out FILE
         [--box x0,y0,x1,y1 | --point x,y] [--save-logits F.npy] [--round R]
 
-DIR is a training work dir (the global model of its latest checkpoint, or --round) or a
-`weights_convert` output. Inputs: PNG/JPEG/TIFF, NPY ([H,W], [H,W,3] or a [D,H,W]
+DIR is a model directory (a `weights_convert` output, or a run's final/) or a training
+work dir: its final/ model, or the global model of checkpoint --round R. No dataset is
+built. Inputs: PNG/JPEG/TIFF, NPY ([H,W], [H,W,3] or a [D,H,W]
 stack) or NIfTI (slices along the last axis). Non-uint8 intensities are clipped at the
 99th percentile and scaled to 0-255 as in training. Prompts are in input pixel
 coordinates. Output: PNG (2-D), NIfTI or NPY mask at the input resolution; binary
@@ -19,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from fedfms_jax.cli_errors import UsageError, run_cli
+from fedfms_jax.trained_model import load_trained
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -90,25 +92,10 @@ def parse_numbers(text: str, n: int, what: str) -> np.ndarray:
 
 
 def load_predictor(weights: Path, round_: int | None = None):
-    """-> (model, image_size, pixel_norm, prompt_free) from a work dir or converted weights."""
-    if not weights.is_dir():
-        raise UsageError(f"weights directory {weights} does not exist")
-    if (weights / "model.json").is_file():
-        from weights_convert.store import load_model
-        try:
-            scfg, model = load_model(weights)
-        except Exception as exc:
-            raise UsageError(f"cannot read weights in {weights}: {' '.join(str(exc).split())[:300]}") from None
-        return model, scfg.image_size, scfg.pixel_norm, scfg.prompt_free
-    if (weights / "config.json").is_file():
-        from flax import nnx
-        from fedfms_jax.run_state import restore_run
-        run = restore_run(weights, round_)
-        eng = run.engine
-        model = nnx.merge(eng.graphdef, eng.partition.merge(run.global_trainable(), eng.frozen), eng.rest)
-        m = run.cfg["model"]
-        return model, run.cfg["image_size"], m["pixel_norm"], m["prompt_free"]
-    raise UsageError(f"{weights} is neither a training work dir (config.json) nor converted weights (model.json)")
+    """-> (model, image_size, pixel_norm, prompt_free) from a model directory or a work dir."""
+    trained = load_trained(weights, round_)
+    scfg = trained.config
+    return trained.model, scfg.image_size, scfg.pixel_norm, scfg.prompt_free
 
 
 def predict_slices(model, slices: np.ndarray, size: int, pixel_norm: str, box=None, point=None,

@@ -25,6 +25,7 @@ from fedfms_jax import config_cli, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.cli_errors import DivergedError, UsageError, run_cli
 from fedfms_jax.evaluate import evaluate_federation, format_table
+from fedfms_jax.trained_model import write_final
 
 # Test hook: SIGKILL this process right after the checkpoint of this round is written.
 KILL_AFTER_ENV = "FEDFMS_KILL_AFTER_ROUND"
@@ -107,7 +108,8 @@ def main(argv: Sequence[str]) -> int:
     start, train_seconds, initial = 1, 0.0, None
     latest = ckpt.latest_round()
     if latest is not None:
-        rng, meta = run.restore(ckpt, latest)
+        run.state, rng, meta = ckpt.restore_run(latest, run.state)
+        run.round = int(meta["round"])
         loader.restore(meta["loader"])
         start, train_seconds = latest + 1, float(meta["train_seconds"])
         mlog.truncate_after(latest)
@@ -163,7 +165,7 @@ def main(argv: Sequence[str]) -> int:
         if eval_res is not None:
             record["eval"] = eval_res
         mlog.append(record)  # before the checkpoint: a kill in between redoes this round
-        run.save(ckpt, r, rng, {"round": r, "loader": loader.state(), "train_seconds": train_seconds})
+        ckpt.save_run(r, run.state, rng, {"round": r, "loader": loader.state(), "train_seconds": train_seconds})
         eta = np.mean(round_times[-5:]) * (cfg["rounds"] - r)
         loss_txt = " ".join(f"{c}={l:.4f}" for c, l in zip(run.clients, losses))
         msg = f"round {r}/{cfg['rounds']} | loss {loss_txt} | {dt:.1f}s | ETA {_fmt_s(eta)}"
@@ -174,6 +176,10 @@ def main(argv: Sequence[str]) -> int:
             os.kill(os.getpid(), signal.SIGKILL)
     ckpt.close()
     loader.close()
+
+    # ------------------------------------------------------------------------ final model
+    final_dir = write_final(path, cfg, engine, run.global_trainable(), round_=cfg["rounds"])
+    log(f"final model: {final_dir}")
 
     # ---------------------------------------------------------------------------- results
     final = last_eval

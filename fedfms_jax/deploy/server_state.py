@@ -21,7 +21,6 @@ from fedfms_jax import model_init, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.federated import aggregate
 from fedfms_jax.federated.comm import comm_bytes
-from fedfms_jax.federated.partition import path_to_str
 
 
 class ServerState:
@@ -136,20 +135,3 @@ class Timer:
 
     def __call__(self) -> float:
         return time.time() - self.t0
-
-
-def read_global(workdir: Path, round_: int | None = None) -> dict[str, np.ndarray]:
-    """Global trainable leaves {slash path: array} of a deployed run's checkpoint (latest
-    round unless `round_`), read without rebuilding the model."""
-    import orbax.checkpoint as ocp
-    ckpt = Checkpointer(Path(workdir) / wd.CKPT_DIR)
-    try:
-        step = ckpt.latest_round() if round_ is None else round_
-        if step is None:
-            raise FileNotFoundError(f"{workdir} has no checkpoint")
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    finally:
-        ckpt.close()
-    leaves = jax.tree_util.tree_flatten_with_path(out["state"]["global"])[0]
-    return {path_to_str(kp): np.asarray(x) for kp, x in leaves}

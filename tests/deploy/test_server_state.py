@@ -17,7 +17,8 @@ ARGV = ["--config", str(REPO / "configs" / "synthetic.py") + ":tiny=true", "--co
 def test_server_state_resumes_after_restart(tmp_path):
     from fedfms_jax import train
     from fedfms_jax.deploy import protocol
-    from fedfms_jax.deploy.server_state import ServerState, read_global
+    from fedfms_jax.checkpoint import global_params
+    from fedfms_jax.deploy.server_state import ServerState
     cfg, _ = train.parse_config(ARGV)
     cfg["deploy"] = protocol.deploy_options({})
     wd = tmp_path / "run"
@@ -44,7 +45,7 @@ def test_server_state_resumes_after_restart(tmp_path):
     for a, b in zip(jax.tree.leaves(back.server_opt_state), jax.tree.leaves(opt2)):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g0)))
-    flat = read_global(wd)
+    flat = global_params(wd)[1]
     assert set(flat) == set(back.partition.trainable_paths)
     back.close()
 
