@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedfms_jax import metrics, workdir as wd
+from fedfms_jax import metrics, trained_model, workdir as wd
 from fedfms_jax.cli_errors import UsageError, run_cli
 
 
@@ -121,7 +121,7 @@ def format_table(result: dict, title: str = "") -> str:
 
 # ---------------------------------------------------------------------------- command line
 def main(argv: Sequence[str]) -> int:
-    from fedfms_jax import run_state, trained_model
+    from fedfms_jax import run_state  # imports this module for make_eval_step
     from fedfms_jax.config_cli import split_argv
     flags, overrides = split_argv(argv, ("workdir", "weights", "round", "out"))
     if overrides:

@@ -210,19 +210,20 @@ def abstract_model(config):
 
 # Leaves a pretrained SAM never has: MSA adapters and FedFMS's multi-class `seg1` head. A
 # model that wants them and loads weights without them starts them from its own init.
-ADDED_LEAF = re.compile(r"(^|/)(Space|MLP|Depth)_Adapter/|^mask_decoder/seg1/")
+ADAPTER_LEAF = re.compile(r"(^|/)(Space|MLP|Depth)_Adapter/")
+SEG1_LEAF = re.compile(r"^mask_decoder/seg1/")
 
 
 def is_added_leaf(name: str) -> bool:
-    return bool(ADDED_LEAF.search(name))
+    return bool(ADAPTER_LEAF.search(name) or SEG1_LEAF.search(name))
 
 
 def needs_own_init(config, names: Iterable[str]) -> bool:
     """Whether a model of `config` has leaves that the stored `names` lack and that keep the
     model's own initialisation (decided from the config: nothing is built to find out)."""
     names = list(names)
-    no_adapters = not any(ADDED_LEAF.search(n) and "_Adapter/" in n for n in names)
-    no_seg1 = not any(n.startswith("mask_decoder/seg1/") for n in names)
+    no_adapters = not any(ADAPTER_LEAF.search(n) for n in names)
+    no_seg1 = not any(SEG1_LEAF.search(n) for n in names)
     return bool((config.adapters and no_adapters) or (config.num_classes > 1 and no_seg1))
 
 

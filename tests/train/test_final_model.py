@@ -141,3 +141,16 @@ def test_weights_without_adapters_build_once_for_real(tmp_path, monkeypatch):
     for path, var in model_variables(model):
         if path_name(path) in stored:
             np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(stored[path_name(path)]))
+
+
+def test_unfinished_run_rounds_come_from_init_from(tiny_run, tmp_path, no_dataset):
+    """Without final/ (a run still training) a round is its init_from model with the round's
+    trained leaves: the same model as final/'s frozen leaves with them."""
+    import shutil
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(tiny_run, unfinished)
+    shutil.rmtree(unfinished / "final")
+    np.testing.assert_array_equal(_predict_logits(unfinished, tmp_path, "u1", ["--round", "1"]),
+                                  _predict_logits(tiny_run, tmp_path, "f1", ["--round", "1"]))
+    np.testing.assert_array_equal(_predict_logits(unfinished, tmp_path, "latest"),
+                                  _predict_logits(tiny_run, tmp_path, "final"))
