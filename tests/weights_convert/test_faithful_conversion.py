@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedfms_jax.predict import load_predictor, predict_slices
+from fedfms_jax.predict import Predictor, load_predictor
 from fedfms_jax.reference.torch_fedfms_decoder import build_torch_fedfms_sam, randomize_
 from weights_convert.__main__ import main
 from weights_convert.convert import exported_state_dict
@@ -64,7 +64,7 @@ def test_original_fedfms_converts_faithfully_without_flags(num_classes, tmp_path
 
     model, size, pixel_norm, prompt_free = load_predictor(out)
     assert (size, pixel_norm, prompt_free) == (SIZE, "unit", True)
-    got = predict_slices(model, image, size, pixel_norm)  # conftest: highest matmul precision
+    got = Predictor(model, size, pixel_norm)(image)  # conftest: highest matmul precision
     assert got.shape == expected.shape == (1, SIZE // 4, SIZE // 4, num_classes)
     err = _rel_err(got, expected)
     assert err <= 1e-5, err
