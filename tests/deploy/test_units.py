@@ -106,12 +106,17 @@ def test_certificates_chain_and_node_keys(tmp_path):
 
 # ------------------------------------------------------------------- aggregation
 def test_server_mean_matches_weighted_mean_and_drops_non_finite():
-    from fedfms_jax.deploy.server_state import _mean_update
+    from fedfms_jax.deploy.server_state import aggregate_updates
+    from fedfms_jax.federated.server_optim import server_optimizer
     rng = np.random.default_rng(2)
     ups = rng.normal(size=(3, 4, 5)).astype(np.float32)
     ups[2, 0, 0] = np.nan
     w = np.array([0.2, 0.5, 0.3], np.float32)
-    mean, finite = _mean_update({"x": jnp.asarray(ups)}, jnp.asarray(w))
+    # FedAvg from an all-zero global model: the new global model is the mean update.
+    fedavg = server_optimizer("fedavg")
+    zero = {"x": jnp.zeros((4, 5), jnp.float32)}
+    mean, _, finite = aggregate_updates(fedavg, zero, fedavg.tx.init(zero), {"x": jnp.asarray(ups)},
+                                        jnp.asarray(w))
     assert list(np.asarray(finite)) == [True, True, False]
     ref = (0.2 * ups[0].astype(np.float64) + 0.5 * ups[1]) / 0.7
     np.testing.assert_allclose(np.asarray(mean["x"]), ref, rtol=1e-6, atol=1e-7)
