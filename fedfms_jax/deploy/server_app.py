@@ -51,10 +51,11 @@ def training_config(spec: str, overrides: str) -> dict:
     path_text, sep, arg = spec.partition(":")
     if not Path(path_text).is_file():
         spec = str(config_cli.default_config_path(Path(path_text).stem)) + sep + arg
-    pairs = [tuple(kv.split("=", 1)) for kv in overrides.split()]
     bad = [kv for kv in overrides.split() if "=" not in kv]
     if bad:
         raise ValueError(f"overrides must be field=value, got {bad[0]!r}")
+    pairs = [tuple(kv.split("=", 1)) for kv in overrides.split()]
+    # The training CLI shrinks a config whose tiny override is set; this one does not.
     if any(k == "tiny" for k, _ in pairs):
         raise ValueError("set tiny in the config's arguments (config = \"configs/x.py:tiny=true\"), "
                          "not in overrides")
