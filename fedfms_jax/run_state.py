@@ -4,9 +4,9 @@ Shared by `train` (fresh or resumed), `evaluate` and `predict` (restored from a 
 dir's checkpoint), so that all three rebuild exactly the same model and state layout.
 
 Modes: "federated" (FedAvg over the training sites), "centralized" (one client holding
-the pooled training sites), "local" (every site trains alone, no aggregation: one engine
-of one client whose state is swapped per site; the unseen site is scored with the
-sample-weighted mean of the local models).
+the pooled training sites), "local" (every site trains alone: the engine's clients are
+the sites, trained without aggregation, each site's model held in the state's
+client_params; the unseen site is scored with the sample-weighted mean of the local models).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import optax
 from fedfms_jax import model_init, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.cli_errors import UsageError
+from fedfms_jax.evaluation import make_eval_step
 
 
 def enable_compilation_cache() -> None:
@@ -115,19 +116,15 @@ def make_engine(cfg: dict, model):
     return FederatedEngine(model, cfg["partition"] or cfg["method"], forward=forward,
                            client_optimizer=client_optimizer(cfg), server_optimizer=server,
                            loss="bce", pos_weight=cfg["pos_weight"], compute_dtype=cfg["model"]["dtype"],
-                           **chunk)
+                           aggregate_clients=cfg["mode"] != "local", **chunk)
 
 
 def to_tree(state) -> dict:
-    """FedState(s) -> plain dict for orbax (per site in local mode)."""
-    if isinstance(state, dict):
-        return {k: v._asdict() for k, v in state.items()}
+    """FedState -> plain dict for orbax."""
     return state._asdict()
 
 
 def from_tree(tree, like):
-    if isinstance(like, dict):
-        return {k: type(v)(**tree[k]) for k, v in like.items()}
     return type(like)(**tree)
 
 
@@ -140,7 +137,7 @@ class Run:
     clients: list[str]          # names of the engine's clients ("pooled" when centralized)
     engine: Any
     model_info: dict
-    state: Any = None           # FedState, or {site: FedState} in local mode
+    state: Any = None           # FedState (local mode: the sites' models in client_params)
     round: int = 0
     eval_step: Any = None
 
@@ -149,19 +146,20 @@ class Run:
         return self.cfg["mode"] == "local"
 
     def init_state(self):
-        if self.local:
-            return {s: self.engine.init(1) for s in self.clients}
         return self.engine.init(len(self.clients))
 
     def global_trainable(self, site: str | None = None):
+        """The trainable params to evaluate `site` with: the global model; in local mode the
+        site's own model, or the sample-weighted mean of the sites' models for any other."""
         if not self.local:
             return self.state.global_params
-        if site in self.state:
-            return self.state[site].global_params
+        per_site = self.state.client_params
+        if site in self.clients:
+            i = self.clients.index(site)
+            return jax.tree.map(lambda x: x[i], per_site)
         w = np.asarray([len(self.fed.train(s)) for s in self.clients], np.float64)
         w = w / w.sum()
-        trees = [self.state[s].global_params for s in self.clients]
-        return jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)), *trees)
+        return jax.tree.map(lambda x: sum(wi * x[i] for i, wi in enumerate(w)), per_site)
 
     def params_for_site(self, site: str | None = None):
         return self.global_trainable(site), self.engine.frozen, self.engine.rest
@@ -186,7 +184,6 @@ class Run:
 
 def build_run(cfg: dict) -> Run:
     """Data, model (weights per init_from), engine and a fresh initial state."""
-    from fedfms_jax.evaluate import make_eval_step
     model_init.check_geometry(cfg)
     fed = load_federation(cfg)
     train_sites, unseen = resolve_sites(cfg, fed)

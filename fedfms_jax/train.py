@@ -10,9 +10,6 @@ a non-finite loss stops the run (exit 3) keeping the last good checkpoint.
 """
 from __future__ import annotations
 
-import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,13 +18,11 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from fedfms_jax import config_cli, run_state, workdir as wd
+from fedfms_jax import config_cli, results, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.cli_errors import DivergedError, UsageError, run_cli
-from fedfms_jax.evaluate import evaluate_federation, format_table
-
-# Test hook: SIGKILL this process right after the checkpoint of this round is written.
-KILL_AFTER_ENV = "FEDFMS_KILL_AFTER_ROUND"
+from fedfms_jax.evaluation import evaluate_federation, format_table
+from fedfms_jax.federated.comm import comm_bytes
 
 
 # ===================================================================================== config
@@ -95,7 +90,6 @@ def main(argv: Sequence[str]) -> int:
     loader = run_state.make_loader(cfg, sources)
     weights = np.asarray(loader.num_samples, np.float32)
     weights = weights / weights.sum()  # FedAvg weighted by training samples
-    from fedfms_jax.federated.comm import comm_bytes
     bytes_each_way = comm_bytes(engine.partition)
 
     # ------------------------------------------------------------------------- checkpoint
@@ -141,7 +135,8 @@ def main(argv: Sequence[str]) -> int:
     for r in range(start, cfg["rounds"] + 1):
         t0 = time.time()
         batches = run_state.round_batches(loader, cfg, r)
-        losses, finite = train_round(run, batches, weights)
+        run.state, m = engine.run_round(run.state, batches, weights)
+        losses, finite = np.asarray(m["loss"]), np.asarray(m["finite"])
         bad = [c for c, ok in zip(run.clients, finite) if not ok]
         if bad:
             loss_txt = ", ".join(f"{c}={l:.4g}" for c, l in zip(run.clients, losses) if c in bad)
@@ -170,51 +165,20 @@ def main(argv: Sequence[str]) -> int:
         if eval_res is not None:
             msg += _eval_summary(eval_res)
         log(msg)
-        if os.environ.get(KILL_AFTER_ENV) == str(r):
-            os.kill(os.getpid(), signal.SIGKILL)
     ckpt.close()
     loader.close()
 
     # ---------------------------------------------------------------------------- results
-    final = last_eval
-    results = {
-        "config_name": cfg["name"], "federation": cfg["federation"], "method": cfg["method"],
-        "mode": cfg["mode"], "rounds": cfg["rounds"], "train_sites": run.train_sites,
-        "unseen_site": run.unseen_site, "initial": _block(initial), "final": _block(final),
-        "comm_bytes_per_round_per_client": bytes_each_way,
-        "comm_bytes_per_round_per_client_both_ways": 2 * bytes_each_way,
-        "trainable_params": run.model_info["trainable_params"], "train_seconds": round(train_seconds, 3),
-    }
-    wd.write_atomic(path / wd.RESULTS_FILE, json.dumps(results, indent=1, sort_keys=True) + "\n")
-    log(summary_table(results))
-    log(f"results: {path / wd.RESULTS_FILE}")
+    out = results.assemble(cfg, run.train_sites, run.unseen_site, initial=initial, final=last_eval,
+                           bytes_each_way=bytes_each_way, trainable_params=run.model_info["trainable_params"],
+                           train_seconds=train_seconds)
+    written = results.write(path, out)
+    log(results.summary_table(out))
+    log(f"results: {written}")
     return 0
 
 
-# ================================================================================ update step
-def train_round(run, batches, weights):
-    """One round on every client; returns (losses [C], finite [C]) on the host."""
-    if not run.local:
-        run.state, m = run.engine.run_round(run.state, batches, weights)
-        return np.asarray(m["loss"]), np.asarray(m["finite"])
-    losses, finite = [], []
-    for i, site in enumerate(run.clients):  # local-only: one client at a time, no aggregation
-        own = {k: v[:, i:i + 1] for k, v in batches.items()}
-        run.state[site], m = run.engine.run_round(run.state[site], own, np.ones(1, np.float32))
-        losses.append(float(np.asarray(m["loss"])[0]))
-        finite.append(bool(np.asarray(m["finite"])[0]))
-    return np.asarray(losses), np.asarray(finite)
-
-
-def _block(res: dict | None) -> dict:
-    if not res:
-        return {}
-    out = {"sites": res.get("sites", {}), "average": res.get("average", {})}
-    if "unseen" in res:
-        out["unseen"] = res["unseen"]
-    return out
-
-
+# ============================================================================ progress line
 def _eval_summary(res: dict) -> str:
     txt = ""
     if res.get("average"):
@@ -222,23 +186,6 @@ def _eval_summary(res: dict) -> str:
     if "unseen" in res and "dice" in res["unseen"]:
         txt += f" | unseen dice {res['unseen']['dice']:.4f} (thr-avg {res['unseen']['dice_thresh_avg']:.4f})"
     return txt
-
-
-def summary_table(results: dict) -> str:
-    lines = [f"{'':<22}{'initial dice':>14}{'final dice':>12}{'final thr-avg':>15}{'final iou':>11}"]
-    init, fin = results["initial"], results["final"]
-    names = list(fin.get("sites", {})) + (["unseen"] if "unseen" in fin else [])
-    for name in names:
-        a = init["unseen"] if name == "unseen" else init.get("sites", {}).get(name, {})
-        b = fin["unseen"] if name == "unseen" else fin["sites"][name]
-        if "dice" not in b:
-            continue
-        label = f"unseen ({results['unseen_site']})" if name == "unseen" else name
-        lines.append(f"{label[:21]:<22}{a.get('dice', float('nan')):>14.4f}{b['dice']:>12.4f}"
-                     f"{b['dice_thresh_avg']:>15.4f}{b['iou']:>11.4f}")
-    lines.append(f"rounds {results['rounds']}, train {results['train_seconds']:.1f}s, "
-                 f"{results['comm_bytes_per_round_per_client'] / 1e6:.2f} MB per client per round each way")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The coordinating side: a Flower ServerApp run by the SuperLink (`flwr run`).
 
 Run config keys (the app's [tool.flwr.app.config], overridable with --run-config):
-  config      the training config, exactly as for `python -m fedfms_jax.train --config`
-              (e.g. "configs/prostate.py:method=fedmsa,unseen=2"); relative paths are
-              tried from the working directory, then from the installed repository
+  config      the training config file with its arguments, as for `python -m
+              fedfms_jax.train --config` (e.g. "configs/prostate.py:method=fedmsa,unseen=2",
+              tiny=true among them); a relative path not found from the working
+              directory names one of the repository's configs/
   overrides   space-separated field=value config overrides ("rounds=50 lr=1e-4")
   workdir     where metrics.jsonl, results.json and the orbax checkpoints go; the same
               workdir resumes after a server restart (a different config is refused)
@@ -25,6 +26,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedfms_jax import config_cli, results
 from fedfms_jax.deploy import protocol as proto
 
 app = ServerApp()
@@ -43,16 +45,29 @@ def log(msg: str) -> None:
             f.write(line + "\n")
 
 
+def training_config(spec: str, overrides: str) -> dict:
+    """The plain training config of `spec` ("file.py[:args]") with "field=value ..."
+    overrides. The deployment's one use of the config layer."""
+    path_text, sep, arg = spec.partition(":")
+    if not Path(path_text).is_file():
+        spec = str(config_cli.default_config_path(Path(path_text).stem)) + sep + arg
+    bad = [kv for kv in overrides.split() if "=" not in kv]
+    if bad:
+        raise ValueError(f"overrides must be field=value, got {bad[0]!r}")
+    pairs = [tuple(kv.split("=", 1)) for kv in overrides.split()]
+    # The training CLI shrinks a config whose tiny override is set; this one does not.
+    if any(k == "tiny" for k, _ in pairs):
+        raise ValueError("set tiny in the config's arguments (config = \"configs/x.py:tiny=true\"), "
+                         "not in overrides")
+    cfg = config_cli.load_config_file(spec)
+    config_cli.apply_overrides(cfg, pairs)
+    return config_cli.to_plain(cfg)
+
+
 def load_run_config(run_config) -> tuple[dict, Path]:
     """(plain training config with cfg["deploy"], workdir) from Flower's run config."""
-    from fedfms_jax import train
-    from fedfms_jax.config_cli import REPO_ROOT
-    spec = str(run_config.get("config", "configs/synthetic.py"))
-    path_text, sep, arg = spec.partition(":")
-    if not Path(path_text).is_file() and (REPO_ROOT / path_text).is_file():
-        spec = str(REPO_ROOT / path_text) + sep + arg
-    argv = ["--config", spec] + [f"--config.{kv}" for kv in str(run_config.get("overrides", "")).split()]
-    cfg, _ = train.parse_config(argv)
+    cfg = training_config(str(run_config.get("config", "configs/synthetic.py")),
+                          str(run_config.get("overrides", "")))
     if cfg["mode"] != "federated":
         raise ValueError(f"deployment runs mode=federated only, config has {cfg['mode']!r}")
     cfg["deploy"] = proto.deploy_options(run_config)
@@ -115,27 +130,24 @@ class Coordinator:
         trainers = {n: i for n, i in self.nodes.items() if int(i["trains"])}
         if self.opts["secagg"]:
             from fedfms_jax.deploy.secagg import secagg_round
+            # SecAgg+ hands over the weighted mean only: the server step on it alone.
             mean, per_client = secagg_round(self, round_, trainers)
-            finite_ok = mean is not None
-        else:
-            replies = self._send(sorted(trainers), MessageType.TRAIN, round_, True, self.opts["round_timeout"])
-            per_client = {}
-            updates, counts = [], []
-            for r in replies:
-                site = str(r.content.config_records[proto.INFO]["site"])
-                m = dict(r.content.metric_records[proto.METRICS])
-                per_client[site] = m
-                updates.append((site, list(r.content.array_records[proto.UPDATE].to_numpy_ndarrays()),
-                                int(m["num_samples"])))
-            updates.sort(key=lambda t: self.train_order(t[0]))  # the simulation's client order
-            mean, finite_ok = None, False
-            if updates:
-                w = self.state.weights([u[2] for u in updates], self.total_samples())
-                mean, finite = self.state.mean_update([u[1] for u in updates], w)
-                finite_ok = bool(finite.any())
-                for (site, _, _), f in zip(updates, finite):
-                    per_client[site]["counted"] = int(bool(f))
-        self.state.apply(mean, ok=finite_ok)
+            self.state.step([] if mean is None else [mean], [1.0])
+            return per_client
+        replies = self._send(sorted(trainers), MessageType.TRAIN, round_, True, self.opts["round_timeout"])
+        per_client = {}
+        updates = []
+        for r in replies:
+            site = str(r.content.config_records[proto.INFO]["site"])
+            m = dict(r.content.metric_records[proto.METRICS])
+            per_client[site] = m
+            updates.append((site, list(r.content.array_records[proto.UPDATE].to_numpy_ndarrays()),
+                            int(m["num_samples"])))
+        updates.sort(key=lambda t: self.train_order(t[0]))  # the simulation's client order
+        w = self.state.weights([u[2] for u in updates], self.total_samples())
+        finite = self.state.step([u[1] for u in updates], w)
+        for (site, _, _), f in zip(updates, finite):
+            per_client[site]["counted"] = int(bool(f))
         return per_client
 
     def train_order(self, site: str) -> int:
@@ -199,7 +211,7 @@ class Coordinator:
         extra = {"secagg": bool(self.opts["secagg"]), "engine": "flower"}
         if dp.enabled:
             extra["dp"] = dp_lib.budget_record(dp, cfg["rounds"])
-        st.write_results(train_sites, unseen, extra)
+        log(results.summary_table(st.write_results(train_sites, unseen, extra)))
         st.close()
         log(f"results: {st.path}")
 
