@@ -2,8 +2,8 @@
 
 Run config keys (the app's [tool.flwr.app.config], overridable with --run-config):
   config      the training config, exactly as for `python -m fedfms_jax.train --config`
-              (e.g. "configs/prostate.py:method=fedmsa,unseen=2"); relative paths are
-              tried from the working directory, then from the installed repository
+              (e.g. "configs/prostate.py:method=fedmsa,unseen=2" or "prostate:method=fedmsa");
+              a configs/<name>.py not found from the working directory is the library's own
   overrides   space-separated field=value config overrides ("rounds=50 lr=1e-4")
   workdir     where metrics.jsonl, results.json and the orbax checkpoints go; the same
               workdir resumes after a server restart (a different config is refused)
@@ -25,6 +25,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedfms_jax import workdir as wd
 from fedfms_jax.deploy import protocol as proto
 
 app = ServerApp()
@@ -46,11 +47,7 @@ def log(msg: str) -> None:
 def load_run_config(run_config) -> tuple[dict, Path]:
     """(plain training config with cfg["deploy"], workdir) from Flower's run config."""
     from fedfms_jax import train
-    from fedfms_jax.config_cli import REPO_ROOT
-    spec = str(run_config.get("config", "configs/synthetic.py"))
-    path_text, sep, arg = spec.partition(":")
-    if not Path(path_text).is_file() and (REPO_ROOT / path_text).is_file():
-        spec = str(REPO_ROOT / path_text) + sep + arg
+    spec = str(run_config.get("config", "configs/synthetic.py"))  # configs/<x>.py: also the installed copy
     argv = ["--config", spec] + [f"--config.{kv}" for kv in str(run_config.get("overrides", "")).split()]
     cfg, _ = train.parse_config(argv)
     if cfg["mode"] != "federated":
@@ -65,7 +62,7 @@ class Coordinator:
         self.grid, self.context = grid, context
         self.cfg, workdir = load_run_config(context.run_config)
         self.opts = self.cfg["deploy"]
-        self.cfg_json = json.dumps(self.cfg, sort_keys=True)
+        self.cfg_json = json.dumps(wd.to_plain(self.cfg), sort_keys=True)
         self.state = ServerState(self.cfg, workdir)
         global _log_path
         _log_path = self.state.path / LOG_FILE
