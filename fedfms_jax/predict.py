@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fedfms_jax import config_cli
 from fedfms_jax.cli_errors import UsageError, run_cli
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -175,9 +176,21 @@ def write_mask(out: Path, labels: np.ndarray, nifti, num_classes: int) -> None:
         raise UsageError(f"unsupported output {out.name}: use .png, .nii/.nii.gz or .npy")
 
 
+FLAGS = {
+    "weights": ("DIR", "a training work dir or a weights_convert output (required)"),
+    "input": ("FILE", "PNG/JPEG/TIFF, .npy or NIfTI image or volume (required)"),
+    "out": ("FILE", "the mask: .png (2-D), .nii/.nii.gz or .npy (required)"),
+    "box": ("x0,y0,x1,y1", "a box prompt in input pixels"),
+    "point": ("x,y", "a foreground point prompt in input pixels"),
+    "save-logits": ("F.npy", "also save the raw logits"),
+    "round": ("R", "work dir: the checkpoint of round R (default: the latest)"),
+}
+
+
 def main(argv: Sequence[str]) -> int:
-    from fedfms_jax.config_cli import split_argv
-    flags, overrides = split_argv(argv, ("weights", "input", "out", "box", "point", "save-logits", "round"))
+    if config_cli.wants_help(argv):
+        config_cli.raise_help("fedfms_jax.predict", __doc__, FLAGS)
+    flags, overrides = config_cli.split_argv(argv, FLAGS)
     if overrides:
         raise UsageError("predict takes no --config overrides")
     for req in ("weights", "input", "out"):
