@@ -17,7 +17,6 @@ from typing import Mapping, Sequence
 
 import ml_collections
 
-import fedfms_jax
 from fedfms_jax import run_config
 from fedfms_jax.cli_errors import HelpRequested, UsageError
 
@@ -28,7 +27,7 @@ HELP_FLAGS = ("-h", "--help")
 def configs_dir() -> Path:
     """The folder of the library's config files: the checkout's configs/ when running
     from a source tree, else the installed `fedfms_jax.configs` package."""
-    checkout = Path(fedfms_jax.__file__).resolve().parents[1]
+    checkout = Path(__file__).resolve().parents[1]  # the folder holding this package
     if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
         return checkout / "configs"
     spec = importlib.util.find_spec("fedfms_jax.configs")
