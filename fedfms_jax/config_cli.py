@@ -99,7 +99,7 @@ def load_training_config(spec: str, overrides: Sequence[tuple[str, str]]) -> ml_
     """The config file's config with the overrides, shrunk when `tiny` (overrides still win)."""
     cfg = load_config_file(spec)
     apply_overrides(cfg, overrides)
-    if cfg.get("tiny"):
+    if cfg.get("tiny"):  # a config without the field is no training config: validate says so
         with cfg.unlocked():
             run_config.apply_tiny(cfg)
         apply_overrides(cfg, overrides)
