@@ -25,7 +25,7 @@ import numpy as np
 
 from fedfms_jax import config_cli, run_config, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
-from fedfms_jax.cli_errors import DivergedError, UsageError, run_cli
+from fedfms_jax.cli_errors import DivergedError, run_cli
 from fedfms_jax.evaluate import evaluate_federation, format_table
 
 # Test hook: SIGKILL this process right after the checkpoint of this round is written.
