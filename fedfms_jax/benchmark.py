@@ -7,7 +7,8 @@ Modes (config `mode`):
   `image_size` with `clients` x `batch` images per local step and `steps` local steps;
   the PyTorch reference trains the same shapes the way the original does (one model per
   client, clients in turn, eager fp32, Adam, BCEWithLogits(pos_weight=2), averaging one
-  parameter at a time).
+  parameter at a time). Each side runs in a fresh process of its own, JAX first, then
+  PyTorch (`processes=same` runs both in this process, as figures before 2026-12-03 were).
 - encoder: the image encoder's forward alone, jitted JAX vs the official PyTorch model.
 - profile: one local step of one client, part by part (encoder forward, model forward,
   forward + backward, optimizer step, model copy), JAX beside PyTorch.
@@ -19,14 +20,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import jax
 
 from fedfms_jax import config_cli
 from fedfms_jax.benchmarking import report
+from fedfms_jax.benchmarking.stats import progress
+
+SIDES = ("jax", "torch")
 
 DEFAULT_CONFIG = "benchmark"
 
@@ -84,6 +92,43 @@ def _fields_help(argv: list[str]) -> str:
     return f"config fields of {spec} and their defaults (set with --config {spec.partition(':')[0]}:k=v,...):\n{fields}"
 
 
+def run_side(cfg, side: str) -> dict:
+    """One side of round mode, with what its process was doing around it."""
+    from fedfms_jax.benchmarking import federated_round
+
+    load_before = list(os.getloadavg())
+    figures = federated_round.run_jax_side(cfg) if side == "jax" else federated_round.run_torch_side(cfg)
+    figures["process"] = {
+        "pid": os.getpid(), "load_average_before": load_before, "load_average_after": list(os.getloadavg()),
+        # XLA:CPU runs one intra-op thread per core; torch uses cfg.threads (0: every core).
+        "threads": figures.get("threads") or os.cpu_count(),
+        "torch_imported": "torch" in sys.modules,
+    }
+    return figures
+
+
+def run_sides_apart(spec: str, cfg) -> dict:
+    """JAX, then PyTorch, each in a fresh process of its own; the result as `run` gives it."""
+    from fedfms_jax.benchmarking.federated_round import combine
+
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="fedfms_bench_") as tmp:
+        for side in SIDES:
+            out = Path(tmp) / f"{side}.json"
+            progress(f"{side}: starting its own process")
+            cmd = [sys.executable, "-m", "fedfms_jax.benchmark", "--config", spec, "--side", side,
+                   "--json", str(out)]
+            code = subprocess.run(cmd).returncode
+            if code:
+                raise SystemExit(f"benchmark: the {side} side failed (exit {code}); its output is above")
+            figures[side] = json.loads(out.read_text())
+    result = combine(cfg, figures["jax"], figures["torch"])
+    result["processes"] = "separate"
+    result.update(_machine())
+    result["config"] = cfg.to_dict()
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m fedfms_jax.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -93,12 +138,24 @@ def main(argv: list[str] | None = None) -> dict:
                              "optionally ':k=v,k=v'")
     parser.add_argument("--json", metavar="OUT", help="write all figures to this JSON file")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--side", choices=SIDES,
+                        help="round mode: time only this side and write its figures to --json "
+                             "(what the separate processes run)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     if args.no_torch:
         cfg.torch = False
+    if args.side:
+        if cfg.mode != "round" or not args.json:
+            parser.error("--side is for round mode and needs --json")
+        figures = run_side(cfg, args.side)
+        report.write_json(figures, args.json)
+        return figures
     load_before = list(os.getloadavg())
-    result = run(cfg)
+    if cfg.mode == "round" and cfg.torch and cfg.processes == "separate":
+        result = run_sides_apart(args.config, cfg)
+    else:
+        result = run(cfg)
     # Other processes on a shared machine slow both sides; keep the load with the figures.
     result["load_average_before"] = load_before
     if cfg.mode == "profile":

@@ -10,6 +10,7 @@ belong to another variant and is refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def build_model(cfg: dict, *, seed: int | None = None):
     if init not in ("random", "lite_medsam"):
         check_weights_dir(Path(init))
     scfg = sam_config(cfg)
+    if init not in ("random", "lite_medsam"):
+        scfg = with_weights_padding_order(scfg, Path(init))
     seed = cfg["seed"] if seed is None else seed
     info = {"init_from": init}
 
@@ -72,6 +75,15 @@ def build_model(cfg: dict, *, seed: int | None = None):
         report = _load_into(model, state_dict, what)
     info.update(report)
     return scfg, model, info
+
+
+def with_weights_padding_order(scfg, path: Path):
+    """The ViT window-padding order the weights were made with (their model.json): an
+    encoder's numerics, which the training config does not state."""
+    saved = describe_weights_dir(path).get("config") or {}
+    if scfg.encoder == "tiny_vit" or "pad_before_norm1" not in saved:
+        return scfg
+    return dataclasses.replace(scfg, pad_before_norm1=bool(saved["pad_before_norm1"]))
 
 
 def check_weights_dir(path: Path) -> None:
