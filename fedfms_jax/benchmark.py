@@ -1,6 +1,6 @@
 """Throughput benchmark: one federated round in JAX beside the PyTorch original.
 
-    python -m fedfms_jax.benchmark --config configs/benchmark.py[:k=v,...] [--json OUT] [--no-torch]
+    python -m fedfms_jax.benchmark [--config benchmark[:k=v,...]] [--json OUT] [--no-torch]
 
 Modes (config `mode`):
 - round (default): one federated round of `method` (fedmsa/fedsam) for `variant` at
@@ -30,15 +30,19 @@ from pathlib import Path
 
 import jax
 
+from fedfms_jax import config_cli
 from fedfms_jax.benchmarking import report
 from fedfms_jax.benchmarking.stats import progress
 
 SIDES = ("jax", "torch")
 
+DEFAULT_CONFIG = "benchmark"
+
 
 def load_config(spec: str):
-    """'path/to/config.py[:k=v,...]' -> the module's get_config(arg)."""
-    path, _, arg = spec.partition(":")
+    """'NAME|path/to/config.py[:k=v,...]' -> the module's get_config(arg)."""
+    name_or_path, _, arg = spec.partition(":")
+    path = config_cli.config_path(name_or_path)
     module_spec = importlib.util.spec_from_file_location("_benchmark_config", path)
     if module_spec is None or module_spec.loader is None:
         raise FileNotFoundError(f"cannot load config file {path!r}")
@@ -77,6 +81,15 @@ def run(cfg) -> dict:
     result.update(_machine())
     result["config"] = cfg.to_dict()
     return result
+
+
+def _fields_help(argv: list[str]) -> str:
+    """--help's list of the config's fields (the one --config names, else the default)."""
+    if not config_cli.wants_help(argv):
+        return ""
+    spec = config_cli.config_spec_in(argv) or DEFAULT_CONFIG
+    fields = "\n".join(config_cli.format_fields(load_config(spec))).replace("--config.", "")
+    return f"config fields of {spec} and their defaults (set with --config {spec.partition(':')[0]}:k=v,...):\n{fields}"
 
 
 def run_side(cfg, side: str) -> dict:
@@ -118,9 +131,11 @@ def run_sides_apart(spec: str, cfg) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m fedfms_jax.benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/benchmark.py",
-                        help="config file with get_config(arg), optionally ':k=v,k=v'")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=_fields_help(argv or []))
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="a config by name (benchmark) or a config file with get_config(arg), "
+                             "optionally ':k=v,k=v'")
     parser.add_argument("--json", metavar="OUT", help="write all figures to this JSON file")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--side", choices=SIDES,

@@ -14,15 +14,23 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fedfms_jax import run_state
+from fedfms_jax import config_cli, run_state
 from fedfms_jax.cli_errors import UsageError, run_cli
-from fedfms_jax.config_cli import split_argv
 from fedfms_jax.evaluation import evaluate_federation, format_table
 
 
 # ---------------------------------------------------------------------------- command line
+FLAGS = {
+    "workdir": ("DIR", "a training work dir (required); its config.json rebuilds the model"),
+    "round": ("R", "the checkpoint of round R (default: the latest)"),
+    "out": ("FILE", "where the results go (default DIR/eval_round<R>.json)"),
+}
+
+
 def main(argv: Sequence[str]) -> int:
-    flags, overrides = split_argv(argv, ("workdir", "round", "out"))
+    if config_cli.wants_help(argv):
+        config_cli.raise_help("fedfms_jax.evaluate", __doc__, FLAGS)
+    flags, overrides = config_cli.split_argv(argv, FLAGS)
     if overrides:
         raise UsageError("evaluate takes no --config overrides: it uses the work dir's config.json")
     if "workdir" not in flags:

@@ -29,8 +29,8 @@ def sam_config(cfg: dict):
     kw = dict(encoder=m["encoder"], image_size=cfg["image_size"], adapters=m["adapters"],
               adapter_zero_init=m["adapter_zero_init"], prompt_free=m["prompt_free"],
               num_classes=cfg["num_classes"], pixel_norm=m["pixel_norm"], dtype=m["dtype"],
-              remat=m.get("remat", False))
-    if m.get("tiny_vit"):
+              remat=m["remat"])
+    if m["tiny_vit"]:
         kw["tiny_vit"] = m["tiny_vit"]
     try:
         return SamConfig(**kw)
@@ -38,21 +38,9 @@ def sam_config(cfg: dict):
         raise UsageError(f"invalid model settings: {exc}") from None
 
 
-def check_geometry(cfg: dict) -> None:
-    """Reject image sizes the encoder cannot take before anything is built."""
-    size = cfg["image_size"]
-    patch = 1 if cfg["model"]["encoder"] in ("tiny_vit",) else 16
-    if size <= 0 or size % patch or size % 4:
-        raise UsageError(f"image_size {size} is not divisible by the encoder's patch size {patch} "
-                         f"(and by 4 for the low-res masks)")
-    if cfg["model"]["encoder"] == "tiny_vit" and size % 64:
-        raise UsageError(f"image_size {size} must be a multiple of 64 for the TinyViT encoder")
-
-
 def build_model(cfg: dict, *, seed: int | None = None):
     """(SamConfig, Sam, info) for the training config `cfg`, weights loaded per init_from."""
     from fedfms_jax.models.sam import build_sam
-    check_geometry(cfg)
     init = cfg["init_from"]
     if init not in ("random", "lite_medsam"):
         check_weights_dir(Path(init))

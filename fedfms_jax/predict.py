@@ -24,6 +24,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from fedfms_jax import config_cli
 from fedfms_jax.cli_errors import UsageError, run_cli
 from fedfms_jax.data import preprocess
 
@@ -234,9 +235,21 @@ def segment_file(predictor: Predictor, src: Path, out: Path, orientation: str, b
     return labels, logits
 
 
+FLAGS = {
+    "weights": ("DIR", "a training work dir or a weights_convert output (required)"),
+    "input": ("FILE_OR_FOLDER", "PNG/JPEG/TIFF, .npy or NIfTI image or volume, or a folder of them (required)"),
+    "out": ("FILE_OR_FOLDER", "the mask: .png (2-D), .nii/.nii.gz or .npy; a folder for a folder input (required)"),
+    "box": ("x0,y0,x1,y1", "a box prompt in input pixels"),
+    "point": ("x,y", "a foreground point prompt in input pixels"),
+    "save-logits": ("F.npy", "also save the raw logits"),
+    "round": ("R", "work dir: the checkpoint of round R (default: the latest)"),
+}
+
+
 def main(argv: Sequence[str]) -> int:
-    from fedfms_jax.config_cli import split_argv
-    flags, overrides = split_argv(argv, ("weights", "input", "out", "box", "point", "save-logits", "round"))
+    if config_cli.wants_help(argv):
+        config_cli.raise_help("fedfms_jax.predict", __doc__, FLAGS)
+    flags, overrides = config_cli.split_argv(argv, FLAGS)
     if overrides:
         raise UsageError("predict takes no --config overrides")
     for req in ("weights", "input", "out"):

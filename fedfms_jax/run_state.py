@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import optax
 
-from fedfms_jax import model_init, workdir as wd
+from fedfms_jax import model_init, run_config, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.cli_errors import UsageError
 from fedfms_jax.evaluation import make_eval_step
@@ -41,7 +41,7 @@ def load_federation(cfg: dict):
     from fedfms_jax.data.federations import get_federation
     kw = {}
     if cfg["federation"] == "synthetic":
-        kw = dict(num_sites=cfg.get("synthetic_sites", 4), images_per_site=cfg.get("synthetic_images", 16),
+        kw = dict(num_sites=cfg["synthetic_sites"], images_per_site=cfg["synthetic_images"],
                   num_classes=cfg["num_classes"], seed=cfg["seed"])
     try:
         fed = get_federation(cfg["federation"], image_size=cfg["image_size"],
@@ -109,8 +109,6 @@ def make_engine(cfg: dict, model):
         server = server_optimizer(cfg["server_optimizer"], lr=cfg["server_lr"])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if cfg["client_loop"] not in ("vmap", "sequential"):
-        raise UsageError(f"client_loop must be vmap or sequential, got {cfg['client_loop']!r}")
     # sequential: the engine trains a device's clients one at a time inside the jitted round.
     chunk = {"client_chunk": 1} if cfg["client_loop"] == "sequential" else {}
     return FederatedEngine(model, cfg["partition"] or cfg["method"], forward=forward,
@@ -184,7 +182,6 @@ class Run:
 
 def build_run(cfg: dict) -> Run:
     """Data, model (weights per init_from), engine and a fresh initial state."""
-    model_init.check_geometry(cfg)
     fed = load_federation(cfg)
     train_sites, unseen = resolve_sites(cfg, fed)
     clients, _ = client_sources(cfg, fed, train_sites)
@@ -206,6 +203,7 @@ def restore_run(workdir: Path, round_: int | None = None) -> Run:
     """A Run rebuilt from a work dir's config.json, its state from checkpoint `round_` (latest)."""
     enable_compilation_cache()
     cfg = wd.load_config(workdir)
+    run_config.validate(cfg)
     ckpt_dir = Path(workdir) / wd.CKPT_DIR
     if not ckpt_dir.is_dir():
         raise UsageError(f"{workdir} has no checkpoints yet")

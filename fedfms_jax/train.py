@@ -1,8 +1,9 @@
-"""Federated fine-tuning of SAM (FedSAM / FedMSA) and its baselines.
+r"""Federated fine-tuning of SAM (FedSAM / FedMSA) and its baselines.
 
     python -m fedfms_jax.train                      # the demo: configs/demo.py into runs/demo
     python -m fedfms_jax.train --config configs/prostate.py:method=fedmsa,unseen=2 \
         --workdir runs/prostate_u2 --config.rounds=50
+    python -m fedfms_jax.train --config prostate:method=fedsam --config.init_from=weights/sam_vit_b
 
 Re-running the same command on an existing work dir resumes from its last checkpoint;
 a work dir made with another config is refused. Bad input ends with one line, exit 2;
@@ -16,50 +17,34 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
-from fedfms_jax import config_cli, results, run_state, workdir as wd
+from fedfms_jax import config_cli, results, run_config, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
-from fedfms_jax.cli_errors import DivergedError, UsageError, run_cli
+from fedfms_jax.cli_errors import DivergedError, run_cli
 from fedfms_jax.evaluation import evaluate_federation, format_table
 from fedfms_jax.federated.comm import comm_bytes
 
 
 # ===================================================================================== config
-def parse_config(argv: Sequence[str]) -> tuple[dict, Path]:
-    flags, overrides = config_cli.split_argv(argv, ("config", "workdir"))
-    spec = flags.get("config") or str(config_cli.default_config_path("demo"))
-    cfg = config_cli.load_config_file(spec)
-    config_cli.apply_overrides(cfg, overrides)
-    if cfg.tiny:  # the tiny switch shrinks everything; explicit overrides still win
-        from configs.common import apply_tiny
-        with cfg.unlocked():
-            apply_tiny(cfg)
-        config_cli.apply_overrides(cfg, overrides)
-    plain = config_cli.to_plain(cfg)
-    validate(plain)
-    default_dir = Path("runs") / ("demo" if "config" not in flags else (plain["name"] or "run"))
-    return plain, Path(flags.get("workdir") or default_dir)
+FLAGS = {
+    "config": ("NAME|FILE[:ARGS]", "a config by name (demo, prostate, fundus, ...) or a config file, "
+               "with get_config(ARGS); default: demo"),
+    "workdir": ("DIR", "where the run goes (default runs/<config name>; runs/demo for the demo); "
+                "an existing work dir of the same config resumes"),
+}
+DEFAULT_CONFIG = "demo"
 
 
-def validate(cfg: dict) -> None:
-    checks = [
-        (cfg["method"] in ("fedmsa", "fedsam"), f"method must be fedmsa or fedsam, got {cfg['method']!r}"),
-        (cfg["mode"] in ("federated", "centralized", "local"),
-         f"mode must be federated, centralized or local, got {cfg['mode']!r}"),
-        (cfg["rounds"] >= 1, "rounds must be >= 1"),
-        (cfg["batch_size"] >= 1 and cfg["eval_batch_size"] >= 1, "batch sizes must be >= 1"),
-        (cfg["local_epochs"] >= 1, "local_epochs must be >= 1"),
-        (cfg["eval_every"] >= 1, "eval_every must be >= 1"),
-        (cfg["lr"] > 0, "lr must be > 0"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise UsageError(msg)
-    from fedfms_jax import model_init
-    model_init.check_geometry(cfg)
-    if cfg["init_from"] not in ("random", "lite_medsam"):
-        model_init.check_weights_dir(Path(cfg["init_from"]))
+def parse_config(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, Path]:
+    if config_cli.wants_help(argv):
+        config_cli.raise_help("fedfms_jax.train", __doc__, FLAGS, argv, default_config=DEFAULT_CONFIG)
+    flags, overrides = config_cli.split_argv(argv, FLAGS)
+    cfg = config_cli.load_training_config(flags.get("config") or DEFAULT_CONFIG, overrides)
+    run_config.validate(cfg)
+    default_dir = Path("runs") / ("demo" if "config" not in flags else (cfg["name"] or "run"))
+    return cfg, Path(flags.get("workdir") or default_dir)
 
 
 # ============================================================================ progress output

@@ -16,8 +16,15 @@ from weights_convert.tensorfile import CheckpointError
 EXIT_ERROR = 2
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Bad arguments: one line naming the problem and pointing at --help, exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m weights_convert",
+    p = _OneLineErrors(prog="python -m weights_convert",
                                 description="SAM-family PyTorch checkpoints to Flax weights and back.")
     sub = p.add_subparsers(dest="command", required=True)
 

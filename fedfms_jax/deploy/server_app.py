@@ -1,10 +1,9 @@
 """The coordinating side: a Flower ServerApp run by the SuperLink (`flwr run`).
 
 Run config keys (the app's [tool.flwr.app.config], overridable with --run-config):
-  config      the training config file with its arguments, as for `python -m
-              fedfms_jax.train --config` (e.g. "configs/prostate.py:method=fedmsa,unseen=2",
-              tiny=true among them); a relative path not found from the working
-              directory names one of the repository's configs/
+  config      the training config, exactly as for `python -m fedfms_jax.train --config`
+              (e.g. "configs/prostate.py:method=fedmsa,unseen=2" or "prostate:method=fedmsa");
+              a configs/<name>.py not found from the working directory is the library's own
   overrides   space-separated field=value config overrides ("rounds=50 lr=1e-4")
   workdir     where metrics.jsonl, results.json and the orbax checkpoints go; the same
               workdir resumes after a server restart (a different config is refused)
@@ -26,7 +25,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedfms_jax import config_cli, results
+from fedfms_jax import config_cli, results, workdir as wd
+from fedfms_jax.run_config import validate as validate_training_config
 from fedfms_jax.deploy import protocol as proto
 
 app = ServerApp()
@@ -45,27 +45,19 @@ def log(msg: str) -> None:
             f.write(line + "\n")
 
 
-def training_config(spec: str, overrides: str) -> dict:
-    """The plain training config of `spec` ("file.py[:args]") with "field=value ..."
-    overrides. The deployment's one use of the config layer."""
-    path_text, sep, arg = spec.partition(":")
-    if not Path(path_text).is_file():
-        spec = str(config_cli.default_config_path(Path(path_text).stem)) + sep + arg
+def training_config(spec: str, overrides: str):
+    """The training config of `spec` (as for `train --config`) with "field=value ..."
+    overrides, validated as the training CLI does. The deployment's one use of the config layer."""
     bad = [kv for kv in overrides.split() if "=" not in kv]
     if bad:
         raise ValueError(f"overrides must be field=value, got {bad[0]!r}")
-    pairs = [tuple(kv.split("=", 1)) for kv in overrides.split()]
-    # The training CLI shrinks a config whose tiny override is set; this one does not.
-    if any(k == "tiny" for k, _ in pairs):
-        raise ValueError("set tiny in the config's arguments (config = \"configs/x.py:tiny=true\"), "
-                         "not in overrides")
-    cfg = config_cli.load_config_file(spec)
-    config_cli.apply_overrides(cfg, pairs)
-    return config_cli.to_plain(cfg)
+    cfg = config_cli.load_training_config(spec, [tuple(kv.split("=", 1)) for kv in overrides.split()])
+    validate_training_config(cfg)
+    return cfg
 
 
 def load_run_config(run_config) -> tuple[dict, Path]:
-    """(plain training config with cfg["deploy"], workdir) from Flower's run config."""
+    """(training config with cfg["deploy"], workdir) from Flower's run config."""
     cfg = training_config(str(run_config.get("config", "configs/synthetic.py")),
                           str(run_config.get("overrides", "")))
     if cfg["mode"] != "federated":
@@ -80,7 +72,7 @@ class Coordinator:
         self.grid, self.context = grid, context
         self.cfg, workdir = load_run_config(context.run_config)
         self.opts = self.cfg["deploy"]
-        self.cfg_json = json.dumps(self.cfg, sort_keys=True)
+        self.cfg_json = json.dumps(wd.to_plain(self.cfg), sort_keys=True)
         self.state = ServerState(self.cfg, workdir)
         global _log_path
         _log_path = self.state.path / LOG_FILE

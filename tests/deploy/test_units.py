@@ -132,5 +132,8 @@ def test_run_config_is_the_training_clis(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative path not found here names the repository's configs/
     got = training_config("configs/synthetic.py:tiny=true", "synthetic_sites=3 no_unseen=true eval_every=2")
     assert got == train.parse_config(argv)[0]
-    with pytest.raises(ValueError, match="tiny"):
-        training_config("configs/synthetic.py", "tiny=true")
+    # tiny given as an override shrinks the config as the training CLI's does
+    assert training_config("configs/synthetic.py", "tiny=true") == train.parse_config(
+        ["--config", str(REPO / "configs" / "synthetic.py"), "--config.tiny=true"])[0]
+    with pytest.raises(ValueError, match="field=value"):
+        training_config("configs/synthetic.py", "tiny")
