@@ -51,7 +51,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.torch_repeats = -1      # -1: same as repeats
     c.persistent_clients = True  # the original: each client keeps its Adam state across rounds
                               # (PyTorch: one model + Adam per client); false: fresh each round
-    c.interleave = True       # alternate JAX and PyTorch repetitions (fair under shared load)
+    c.processes = "separate"  # round mode: separate (JAX, then PyTorch, each in its own fresh
+                              # process) | same (both in this process: PyTorch's thread pools
+                              # and heap slow XLA; how figures before 2026-12-03 were taken)
+    c.interleave = True       # in one process: alternate JAX and PyTorch repetitions
     c.threads = 0             # CPU threads for torch (0: all cores, like XLA)
     c.flops = "xla"           # xla: XLA cost analysis of one compiled local step | jaxpr: count
                               # matmul/conv FLOPs from the traced program (no extra compile)
@@ -63,6 +66,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
         raise ValueError(f"method must be fedmsa or fedsam, got {c.method!r}")
     if c.flops not in ("xla", "jaxpr"):
         raise ValueError(f"flops must be xla or jaxpr, got {c.flops!r}")
+    if c.processes not in ("separate", "same"):
+        raise ValueError(f"processes must be separate or same, got {c.processes!r}")
     if c.mode not in ("round", "encoder", "profile"):
         raise ValueError(f"mode must be round, encoder or profile, got {c.mode!r}")
     return c

@@ -1,8 +1,8 @@
-"""ctlung federation with the original FedFMS settings.
+"""ctlung federation with the original FedFMS settings, starting from SAM ViT-B (weights/sam_vit_b).
 
---config configs/ctlung.py[:method=fedmsa|fedsam,mode=federated|centralized|local,unseen=I,tiny=true]
+--config ctlung[:method=fedmsa|fedsam,mode=federated|centralized|local,unseen=I,tiny=true]
 """
-from configs.common import federation_config
+from fedfms_jax.run_config import federation_config
 
 
 def get_config(arg=None):

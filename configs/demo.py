@@ -11,8 +11,9 @@ parameters) are trained locally and averaged with FedAvg weighted by sample coun
 Pixel values are scaled to [0, 1] as LiteMedSAM expects.
 
     python -m fedfms_jax.train            # writes runs/demo
+    python -m fedfms_jax.train --config demo:tiny=true   # seconds, synthetic data
 """
-from configs.common import base_config
+from fedfms_jax.run_config import base_config, parse_config_args
 
 
 def get_config(arg=None):
@@ -39,9 +40,5 @@ def get_config(arg=None):
     c.eval_batch_size = 8
     c.num_overlays = 3
     c.checkpoint_keep = 2
-    if arg:
-        from configs.common import apply_tiny
-        from fedfms_jax.config_cli import parse_config_args
-        if parse_config_args(arg, {"tiny": False})["tiny"]:
-            apply_tiny(c)
+    c.tiny = parse_config_args(arg, {"tiny": False})["tiny"]
     return c

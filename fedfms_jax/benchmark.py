@@ -1,13 +1,14 @@
 """Throughput benchmark: one federated round in JAX beside the PyTorch original.
 
-    python -m fedfms_jax.benchmark --config configs/benchmark.py[:k=v,...] [--json OUT] [--no-torch]
+    python -m fedfms_jax.benchmark [--config benchmark[:k=v,...]] [--json OUT] [--no-torch]
 
 Modes (config `mode`):
 - round (default): one federated round of `method` (fedmsa/fedsam) for `variant` at
   `image_size` with `clients` x `batch` images per local step and `steps` local steps;
   the PyTorch reference trains the same shapes the way the original does (one model per
   client, clients in turn, eager fp32, Adam, BCEWithLogits(pos_weight=2), averaging one
-  parameter at a time).
+  parameter at a time). Each side runs in a fresh process of its own, JAX first, then
+  PyTorch (`processes=same` runs both in this process, as figures before 2026-12-03 were).
 - encoder: the image encoder's forward alone, jitted JAX vs the official PyTorch model.
 - profile: one local step of one client, part by part (encoder forward, model forward,
   forward + backward, optimizer step, model copy), JAX beside PyTorch.
@@ -19,18 +20,29 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import jax
 
+from fedfms_jax import config_cli
 from fedfms_jax.benchmarking import report
+from fedfms_jax.benchmarking.stats import progress
+
+SIDES = ("jax", "torch")
+
+DEFAULT_CONFIG = "benchmark"
 
 
 def load_config(spec: str):
-    """'path/to/config.py[:k=v,...]' -> the module's get_config(arg)."""
-    path, _, arg = spec.partition(":")
+    """'NAME|path/to/config.py[:k=v,...]' -> the module's get_config(arg)."""
+    name_or_path, _, arg = spec.partition(":")
+    path = config_cli.config_path(name_or_path)
     module_spec = importlib.util.spec_from_file_location("_benchmark_config", path)
     if module_spec is None or module_spec.loader is None:
         raise FileNotFoundError(f"cannot load config file {path!r}")
@@ -71,19 +83,79 @@ def run(cfg) -> dict:
     return result
 
 
+def _fields_help(argv: list[str]) -> str:
+    """--help's list of the config's fields (the one --config names, else the default)."""
+    if not config_cli.wants_help(argv):
+        return ""
+    spec = config_cli.config_spec_in(argv) or DEFAULT_CONFIG
+    fields = "\n".join(config_cli.format_fields(load_config(spec))).replace("--config.", "")
+    return f"config fields of {spec} and their defaults (set with --config {spec.partition(':')[0]}:k=v,...):\n{fields}"
+
+
+def run_side(cfg, side: str) -> dict:
+    """One side of round mode, with what its process was doing around it."""
+    from fedfms_jax.benchmarking import federated_round
+
+    load_before = list(os.getloadavg())
+    figures = federated_round.run_jax_side(cfg) if side == "jax" else federated_round.run_torch_side(cfg)
+    figures["process"] = {
+        "pid": os.getpid(), "load_average_before": load_before, "load_average_after": list(os.getloadavg()),
+        # XLA:CPU runs one intra-op thread per core; torch uses cfg.threads (0: every core).
+        "threads": figures.get("threads") or os.cpu_count(),
+        "torch_imported": "torch" in sys.modules,
+    }
+    return figures
+
+
+def run_sides_apart(spec: str, cfg) -> dict:
+    """JAX, then PyTorch, each in a fresh process of its own; the result as `run` gives it."""
+    from fedfms_jax.benchmarking.federated_round import combine
+
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="fedfms_bench_") as tmp:
+        for side in SIDES:
+            out = Path(tmp) / f"{side}.json"
+            progress(f"{side}: starting its own process")
+            cmd = [sys.executable, "-m", "fedfms_jax.benchmark", "--config", spec, "--side", side,
+                   "--json", str(out)]
+            code = subprocess.run(cmd).returncode
+            if code:
+                raise SystemExit(f"benchmark: the {side} side failed (exit {code}); its output is above")
+            figures[side] = json.loads(out.read_text())
+    result = combine(cfg, figures["jax"], figures["torch"])
+    result["processes"] = "separate"
+    result.update(_machine())
+    result["config"] = cfg.to_dict()
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m fedfms_jax.benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/benchmark.py",
-                        help="config file with get_config(arg), optionally ':k=v,k=v'")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=_fields_help(argv or []))
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="a config by name (benchmark) or a config file with get_config(arg), "
+                             "optionally ':k=v,k=v'")
     parser.add_argument("--json", metavar="OUT", help="write all figures to this JSON file")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--side", choices=SIDES,
+                        help="round mode: time only this side and write its figures to --json "
+                             "(what the separate processes run)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     if args.no_torch:
         cfg.torch = False
+    if args.side:
+        if cfg.mode != "round" or not args.json:
+            parser.error("--side is for round mode and needs --json")
+        figures = run_side(cfg, args.side)
+        report.write_json(figures, args.json)
+        return figures
     load_before = list(os.getloadavg())
-    result = run(cfg)
+    if cfg.mode == "round" and cfg.torch and cfg.processes == "separate":
+        result = run_sides_apart(args.config, cfg)
+    else:
+        result = run(cfg)
     # Other processes on a shared machine slow both sides; keep the load with the figures.
     result["load_average_before"] = load_before
     if cfg.mode == "profile":

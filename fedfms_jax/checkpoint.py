@@ -2,8 +2,8 @@
 
 The one place that writes and reads them. Two trees are stored, each with a JSON meta
 block (round, train_seconds, data-loader position, ...):
-  * a simulation run: {"fed": engine state(s), "rng": key data} (`save_run`/`restore_run`);
-    the engine state is a FedState, or {site: FedState} when every site trains alone;
+  * a simulation run: {"fed": engine state, "rng": key data} (`save_run`/`restore_run`);
+    when every site trains alone its model is the site's row of the state's client_params;
   * a deployed server: {"global": trainable params, "server_opt": optimizer state}.
 The frozen backbone is not saved: it is the run's `init_from`, and it is in the run's
 portable model (`final/`). Restores use an abstract target so optax state types survive;
@@ -82,45 +82,32 @@ class Checkpointer:
 
 
 def to_tree(state) -> dict:
-    """FedState(s) -> plain dict for orbax (per site when every site trains alone)."""
-    if isinstance(state, dict):
-        return {k: v._asdict() for k, v in state.items()}
+    """FedState -> plain dict for orbax."""
     return state._asdict()
 
 
 def from_tree(tree, like):
-    if isinstance(like, dict):
-        return {k: type(v)(**tree[k]) for k, v in like.items()}
     return type(like)(**tree)
 
 
-def sample_weighted_mean(trees: list, samples) -> dict:
-    """The mean of per-site trainable trees weighted by their training samples: the global
-    model of a run whose sites train alone."""
+def sample_weighted_mean(per_site, samples):
+    """The mean of the sites' trainable trees (stacked on a leading site axis, possibly
+    padded) weighted by their training samples: the global model of a run whose sites
+    train alone."""
     w = np.asarray(samples, np.float64)
     w = w / w.sum()
-    return jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)), *trees)
+    return jax.tree.map(lambda x: sum(wi * x[i] for i, wi in enumerate(w)), per_site)
 
 
-def site_params(tree: Mapping) -> dict:
-    """{site: trainable tree} of a saved round whose sites train alone; {} otherwise."""
-    fed = tree.get("fed", {})
-    if "global_params" in fed or "global" in tree:
-        return {}
-    return {site: state["global_params"] for site, state in fed.items()}
-
-
-def global_tree(tree: Mapping, meta: Mapping):
-    """The global model's trainable tree in a saved round, whichever kind of run saved it."""
+def global_tree(tree: Mapping, meta: Mapping, *, local: bool = False):
+    """The global model's trainable tree in a saved round, whichever kind of run saved it;
+    `local`: the sites trained alone (their mean, weighted as the run weighted them)."""
     if "global" in tree:  # a deployed server
         return tree["global"]
-    fed = tree["fed"]
-    if "global_params" in fed:
-        return fed["global_params"]
-    sites = list(fed)  # every site alone: their mean, weighted as the run weighted them
-    samples = meta["loader"]["num_samples"]
-    trees = [jax.tree.map(jnp.asarray, fed[s]["global_params"]) for s in sites]
-    return sample_weighted_mean(trees, samples)
+    if not local:
+        return tree["fed"]["global_params"]
+    per_site = jax.tree.map(jnp.asarray, tree["fed"]["client_params"])
+    return sample_weighted_mean(per_site, meta["loader"]["num_samples"])
 
 
 def flat_names(tree) -> dict[str, np.ndarray]:
@@ -150,13 +137,23 @@ def pick_round(ckpt: Checkpointer, round_: int | None, where) -> int:
     return round_
 
 
-def global_params(workdir: str | Path, round_: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
+def global_params(workdir: str | Path, round_: int | None = None, *,
+                  local: bool = False) -> tuple[int, dict[str, np.ndarray]]:
     """(round, {slash path: array}): the global trainable leaves of a work dir's checkpoint
-    (latest round unless `round_`), read without building the model."""
+    (latest round unless `round_`), read without building the model. `local`: the run's
+    sites trained alone."""
     with open_workdir(workdir) as ckpt:
         step = pick_round(ckpt, round_, workdir)
         tree, meta = ckpt.read(step)
-    return step, flat_names(global_tree(tree, meta))
+    return step, flat_names(global_tree(tree, meta, local=local))
+
+
+def site_params(workdir: str | Path, round_: int | None = None):
+    """The sites' own trainable trees of a run whose sites train alone, stacked on a
+    leading site axis (training-site order), from checkpoint `round_` (latest)."""
+    with open_workdir(workdir) as ckpt:
+        tree, _ = ckpt.read(pick_round(ckpt, round_, workdir))
+    return tree["fed"]["client_params"]
 
 
 def _abstract(x):

@@ -17,6 +17,14 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
+class HelpRequested(Exception):
+    """`--help` was given: the help text is printed to stdout, exit code 0."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
 class DivergedError(Exception):
     """Training produced a non-finite loss: reported as one line, exit code 3."""
 
@@ -43,9 +51,12 @@ def usage_error_types() -> tuple[type[BaseException], ...]:
 
 
 def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str], prog: str) -> int:
-    """Run `main(argv)`; turn bad input into one line + exit 2."""
+    """Run `main(argv)`; turn bad input into one line + exit 2, and --help into exit 0."""
     try:
         return int(main(argv) or 0)
+    except HelpRequested as help_:
+        print(help_.text, end="")
+        return 0
     except usage_error_types() as exc:
         print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE

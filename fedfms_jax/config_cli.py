@@ -1,42 +1,68 @@
-"""`--config FILE[:ARGS]` and `--config.field=value` handling for the command-line tools.
+"""The command lines: `--config NAME|FILE[:ARGS]`, `--config.field=value`, other flags, `--help`.
 
-Config files are ml_collections Python files with `get_config(arg)`. Overrides must name
-an existing field (nested with dots) and are parsed with that field's type, so a typo
-is rejected instead of silently creating a new field.
+Config files are ml_collections Python files with `get_config(arg)`, named by path or,
+for the ones that come with the library (`configs/`, installed as `fedfms_jax.configs`),
+by name. Overrides must name an existing field (nested with dots) and are parsed with
+that field's type, so a typo is rejected instead of silently creating a new field.
+
+A small parser rather than absl's config_flags: every command is also called in-process
+(tests, the Flower server app) with its own argv, bad input must end in one line (absl
+prints a usage dump), and absl's flags are process-global.
 """
 from __future__ import annotations
 
-import ast
 import importlib.util
-import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import ml_collections
 
-from fedfms_jax.cli_errors import UsageError
+from fedfms_jax import run_config
+from fedfms_jax.cli_errors import HelpRequested, UsageError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+HELP_FLAGS = ("-h", "--help")
 
 
-def default_config_path(name: str = "demo") -> Path:
-    for root in (REPO_ROOT, Path.cwd()):
-        path = root / "configs" / f"{name}.py"
-        if path.exists():
-            return path
-    raise UsageError(f"cannot find configs/{name}.py (run from the repository root or pass --config)")
+# ---------------------------------------------------------------------------- config files
+def configs_dir() -> Path:
+    """The folder of the library's config files: the checkout's configs/ when running
+    from a source tree, else the installed `fedfms_jax.configs` package."""
+    checkout = Path(__file__).resolve().parents[1]  # the folder holding this package
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
+        return checkout / "configs"
+    spec = importlib.util.find_spec("fedfms_jax.configs")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the library's configs are not installed; pass --config path/to/config.py")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def config_names() -> list[str]:
+    return sorted(p.stem for p in configs_dir().glob("*.py") if not p.stem.startswith("_"))
+
+
+def config_path(name_or_path: str) -> Path:
+    """A config file named by path, or by name (`prostate`) among the library's configs.
+
+    `configs/<name>.py` that does not exist relative to the working directory is the
+    library's own file of that name (the same file, installed)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    by_name = path.suffix != ".py" and len(path.parts) == 1
+    if by_name or (path.parent.name == "configs" and path.suffix == ".py"):
+        candidate = configs_dir() / f"{path.stem if path.suffix == '.py' else name_or_path}.py"
+        if candidate.is_file():
+            return candidate
+        if by_name:
+            raise UsageError(f"no config named '{name_or_path}' (known: {', '.join(config_names())}; "
+                             f"or pass a file path)")
+    raise UsageError(f"config file not found: {name_or_path}")
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """`path/to/config.py[:arg]` -> the ConfigDict its get_config(arg) returns."""
-    path_text, _, arg = spec.partition(":")
-    path = Path(path_text)
-    if not path.is_file():
-        raise UsageError(f"config file not found: {path_text}")
-    # Config files import their siblings as `configs.common`: make the folder above importable.
-    parent = str(path.resolve().parent.parent)
-    if parent not in sys.path:
-        sys.path.insert(0, parent)
+    """`NAME|path/to/config.py[:arg]` -> the ConfigDict its get_config(arg) returns."""
+    name_or_path, _, arg = spec.partition(":")
+    path = config_path(name_or_path)
     mod_name = f"_fedfms_config_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -45,61 +71,13 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"cannot load config {path_text}: {exc}") from exc
+        raise UsageError(f"cannot load config {name_or_path}: {exc}") from exc
     if not hasattr(module, "get_config"):
-        raise UsageError(f"config {path_text} has no get_config()")
-    cfg = module.get_config(arg or None) if arg else module.get_config()
+        raise UsageError(f"config {name_or_path} has no get_config()")
+    cfg = module.get_config(arg) if arg else module.get_config()
     if not isinstance(cfg, ml_collections.ConfigDict):
-        raise UsageError(f"config {path_text}: get_config() must return a ConfigDict")
+        raise UsageError(f"config {name_or_path}: get_config() must return a ConfigDict")
     return cfg
-
-
-def parse_config_args(arg: str | None, defaults: dict) -> dict:
-    """'method=fedmsa,unseen=2' -> dict, typed like `defaults`; unknown keys rejected."""
-    out = dict(defaults)
-    if not arg:
-        return out
-    for item in arg.split(","):
-        if not item:
-            continue
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq:
-            raise UsageError(f"config argument '{item}' is not key=value")
-        if key not in defaults:
-            raise UsageError(f"unknown config argument '{key}' (known: {', '.join(sorted(defaults))})")
-        out[key] = coerce(value.strip(), defaults[key], key)
-    return out
-
-
-def coerce(text: str, like, name: str):
-    """Parse `text` as the type of the existing value `like`."""
-    try:
-        if isinstance(like, bool):
-            low = text.lower()
-            if low in ("true", "1", "yes"):
-                return True
-            if low in ("false", "0", "no"):
-                return False
-            raise ValueError(text)
-        if isinstance(like, int):
-            return int(text)
-        if isinstance(like, float):
-            return float(text)
-        if isinstance(like, str):
-            return text
-        if isinstance(like, (tuple, list)):
-            value = ast.literal_eval(text) if text else ()
-            value = value if isinstance(value, (tuple, list)) else (value,)
-            return type(like)(value)
-        if like is None:
-            try:
-                return ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                return text
-    except (ValueError, SyntaxError):
-        pass
-    raise UsageError(f"config field '{name}': cannot parse '{text}' as {type(like).__name__}")
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:
@@ -114,11 +92,25 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[tuple[st
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             raise UsageError(f"unknown config field '{dotted}'")
         with node.unlocked():
-            node[leaf] = coerce(text, node[leaf], dotted)
+            node[leaf] = run_config.coerce(text, node[leaf], dotted)
 
 
-def split_argv(argv: Sequence[str], flags: Sequence[str]) -> tuple[dict, list[tuple[str, str]]]:
-    """Split argv into known `--flag value` pairs and `--config.x=v` overrides."""
+def load_training_config(spec: str, overrides: Sequence[tuple[str, str]]) -> ml_collections.ConfigDict:
+    """The config file's config with the overrides, shrunk when `tiny` (overrides still win)."""
+    cfg = load_config_file(spec)
+    apply_overrides(cfg, overrides)
+    if cfg.get("tiny"):  # a config without the field is no training config: validate says so
+        with cfg.unlocked():
+            run_config.apply_tiny(cfg)
+        apply_overrides(cfg, overrides)
+    return cfg
+
+
+# ---------------------------------------------------------------------------- flags
+def split_argv(argv: Sequence[str], flags: Mapping) -> tuple[dict, list[tuple[str, str]]]:
+    """Split argv into known `--flag value` pairs and `--config.x=v` overrides.
+
+    `flags` holds the known flags' names (a mapping's keys: name -> (metavar, help))."""
     values: dict = {}
     overrides: list[tuple[str, str]] = []
     args = list(argv)
@@ -143,12 +135,57 @@ def split_argv(argv: Sequence[str], flags: Sequence[str]) -> tuple[dict, list[tu
     return values, overrides
 
 
-def to_plain(cfg) -> dict:
-    """ConfigDict -> JSON-ready dict (tuples become lists)."""
-    def conv(v):
-        if isinstance(v, ml_collections.ConfigDict):
-            return {k: conv(v[k]) for k in sorted(v.keys())}
-        if isinstance(v, (tuple, list)):
-            return [conv(x) for x in v]
-        return v
-    return conv(cfg)
+def wants_help(argv: Sequence[str]) -> bool:
+    return any(a in HELP_FLAGS for a in argv)
+
+
+def config_spec_in(argv: Sequence[str]) -> str | None:
+    """The --config value in argv, if any (read before the rest is checked, for --help)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg[len("--config="):]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def format_fields(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """`  --config.x=default` for every field, nested ones dotted."""
+    lines = []
+    for key in sorted(cfg.keys()):
+        value = cfg[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            lines += format_fields(value, f"{prefix}{key}.")
+        else:
+            lines.append(f"  --config.{prefix}{key}={value!r}")
+    return lines
+
+
+def help_text(prog: str, summary: str, flags: Mapping[str, tuple[str, str]], *,
+              config: ml_collections.ConfigDict | None = None, config_label: str = "") -> str:
+    """The text of `--help`: usage, the flags, and a config's fields with their defaults.
+
+    `flags` maps each flag's name to (metavar, help)."""
+    usage = " ".join(f"[--{name} {metavar}]" for name, (metavar, _) in flags.items())
+    if config is not None:
+        usage += " [--config.FIELD=VALUE ...]"
+    lines = [f"usage: python -m {prog} {usage}".rstrip(), "", summary.strip(), "", "options:"]
+    rows = [(f"--{name} {metavar}", text) for name, (metavar, text) in flags.items()]
+    rows.append(("-h, --help", "show this help and exit"))
+    width = max(len(r[0]) for r in rows) + 2
+    lines += [f"  {left:<{width}}{text}" for left, text in rows]
+    if config is not None:
+        lines += ["", f"config fields of {config_label} and their defaults (override with --config.FIELD=VALUE):"]
+        lines += format_fields(config)
+    return "\n".join(lines) + "\n"
+
+
+def raise_help(prog: str, summary: str, flags: Mapping[str, tuple[str, str]], argv: Sequence[str] = (),
+               default_config: str | None = None) -> None:
+    """Raise HelpRequested with the help text (run_cli prints it, exit 0). With a default
+    config the fields of the one given by --config (or the default) are listed."""
+    config, label = None, ""
+    if default_config is not None:
+        label = config_spec_in(argv) or default_config
+        config = load_training_config(label, ())
+    raise HelpRequested(help_text(prog, summary, flags, config=config, config_label=label))

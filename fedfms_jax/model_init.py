@@ -12,6 +12,7 @@ weights belong to another variant and is refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,24 +31,13 @@ def sam_config(cfg: dict):
     kw = dict(encoder=m["encoder"], image_size=cfg["image_size"], adapters=m["adapters"],
               adapter_zero_init=m["adapter_zero_init"], prompt_free=m["prompt_free"],
               num_classes=cfg["num_classes"], pixel_norm=m["pixel_norm"], dtype=m["dtype"],
-              remat=m.get("remat", False))
-    if m.get("tiny_vit"):
+              remat=m["remat"])
+    if m["tiny_vit"]:
         kw["tiny_vit"] = m["tiny_vit"]
     try:
         return SamConfig(**kw)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"invalid model settings: {exc}") from None
-
-
-def check_geometry(cfg: dict) -> None:
-    """Reject image sizes the encoder cannot take before anything is built."""
-    size = cfg["image_size"]
-    patch = 1 if cfg["model"]["encoder"] in ("tiny_vit",) else 16
-    if size <= 0 or size % patch or size % 4:
-        raise UsageError(f"image_size {size} is not divisible by the encoder's patch size {patch} "
-                         f"(and by 4 for the low-res masks)")
-    if cfg["model"]["encoder"] == "tiny_vit" and size % 64:
-        raise UsageError(f"image_size {size} must be a multiple of 64 for the TinyViT encoder")
 
 
 def build_model(cfg: dict, *, seed: int | None = None):
@@ -57,9 +47,10 @@ def build_model(cfg: dict, *, seed: int | None = None):
     when some leaves (adapters, seg1) keep their initialisation.
     """
     from fedfms_jax.models.sam import build_sam
-    check_geometry(cfg)
     init = cfg["init_from"]
     scfg = sam_config(cfg)
+    if init not in ("random", "lite_medsam"):
+        scfg = with_weights_padding_order(scfg, Path(init))
     seed = cfg["seed"] if seed is None else seed
     info = {"init_from": init}
     if init == "random":
@@ -81,6 +72,15 @@ def build_model(cfg: dict, *, seed: int | None = None):
         raise UsageError(f"cannot build the model: {exc}") from None
     info["kept_init"] = len(kept)
     return scfg, model, info
+
+
+def with_weights_padding_order(scfg, path: Path):
+    """The ViT window-padding order the weights were made with (their model.json): an
+    encoder's numerics, which the training config does not state."""
+    saved = describe_weights_dir(path).get("config") or {}
+    if scfg.encoder == "tiny_vit" or "pad_before_norm1" not in saved:
+        return scfg
+    return dataclasses.replace(scfg, pad_before_norm1=bool(saved["pad_before_norm1"]))
 
 
 def check_weights_dir(path: Path) -> None:

@@ -5,9 +5,9 @@ model loaded on its own, see `trained_model`), so that both see the same sites, 
 and forward pass.
 
 Modes: "federated" (FedAvg over the training sites), "centralized" (one client holding
-the pooled training sites), "local" (every site trains alone, no aggregation: one engine
-of one client whose state is swapped per site; the unseen site is scored with the
-sample-weighted mean of the local models).
+the pooled training sites), "local" (every site trains alone: the engine's clients are
+the sites, trained without aggregation, each site's model held in the state's
+client_params; the unseen site is scored with the sample-weighted mean of the local models).
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedfms_jax import checkpoint, model_init, workdir as wd
+from fedfms_jax import checkpoint, model_init, run_config, workdir as wd
 from fedfms_jax.cli_errors import UsageError
+from fedfms_jax.evaluation import make_eval_step
 from fedfms_jax.federated.partition import make_partition
 
 
@@ -42,7 +43,7 @@ def load_federation(cfg: dict):
     from fedfms_jax.data.federations import get_federation
     kw = {}
     if cfg["federation"] == "synthetic":
-        kw = dict(num_sites=cfg.get("synthetic_sites", 4), images_per_site=cfg.get("synthetic_images", 16),
+        kw = dict(num_sites=cfg["synthetic_sites"], images_per_site=cfg["synthetic_images"],
                   num_classes=cfg["num_classes"], seed=cfg["seed"])
     try:
         fed = get_federation(cfg["federation"], image_size=cfg["image_size"],
@@ -110,14 +111,12 @@ def make_engine(cfg: dict, model):
         server = server_optimizer(cfg["server_optimizer"], lr=cfg["server_lr"])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if cfg["client_loop"] not in ("vmap", "sequential"):
-        raise UsageError(f"client_loop must be vmap or sequential, got {cfg['client_loop']!r}")
     # sequential: the engine trains a device's clients one at a time inside the jitted round.
     chunk = {"client_chunk": 1} if cfg["client_loop"] == "sequential" else {}
     return FederatedEngine(model, cfg["partition"] or cfg["method"], forward=forward,
                            client_optimizer=client_optimizer(cfg), server_optimizer=server,
                            loss="bce", pos_weight=cfg["pos_weight"], compute_dtype=cfg["model"]["dtype"],
-                           **chunk)
+                           aggregate_clients=cfg["mode"] != "local", **chunk)
 
 
 @dataclasses.dataclass
@@ -129,7 +128,7 @@ class Run:
     clients: list[str]          # names of the engine's clients ("pooled" when centralized)
     engine: Any
     model_info: dict
-    state: Any = None           # FedState, or {site: FedState} in local mode
+    state: Any = None           # FedState (local mode: the sites' models in client_params)
     round: int = 0
     eval_step: Any = None
 
@@ -138,17 +137,18 @@ class Run:
         return self.cfg["mode"] == "local"
 
     def init_state(self):
-        if self.local:
-            return {s: self.engine.init(1) for s in self.clients}
         return self.engine.init(len(self.clients))
 
     def global_trainable(self, site: str | None = None):
+        """The trainable params to evaluate `site` with: the global model; in local mode the
+        site's own model, or the sample-weighted mean of the sites' models for any other."""
         if not self.local:
             return self.state.global_params
-        if site in self.state:
-            return self.state[site].global_params
-        return checkpoint.sample_weighted_mean([self.state[s].global_params for s in self.clients],
-                                               [len(self.fed.train(s)) for s in self.clients])
+        per_site = self.state.client_params
+        if site in self.clients:
+            i = self.clients.index(site)
+            return jax.tree.map(lambda x: x[i], per_site)
+        return checkpoint.sample_weighted_mean(per_site, [len(self.fed.train(s)) for s in self.clients])
 
     def params_for_site(self, site: str | None = None):
         return self.global_trainable(site), self.engine.frozen, self.engine.rest
@@ -156,8 +156,6 @@ class Run:
 
 def build_run(cfg: dict) -> Run:
     """Data, model (weights per init_from), engine and a fresh initial state."""
-    from fedfms_jax.evaluate import make_eval_step
-    model_init.check_geometry(cfg)
     fed = load_federation(cfg)
     train_sites, unseen = resolve_sites(cfg, fed)
     clients, _ = client_sources(cfg, fed, train_sites)
@@ -181,6 +179,7 @@ def restore_run(workdir: Path, round_: int | None = None) -> Run:
     loaded with `trained_model.load_trained`."""
     enable_compilation_cache()
     cfg = wd.load_config(workdir)
+    run_config.validate(cfg)
     try:
         ckpt = checkpoint.open_workdir(workdir)
     except ValueError as exc:
@@ -208,16 +207,19 @@ class Scoring:
     params_for_site: Any  # site -> (trainable, frozen, rest)
 
 
-def scoring(cfg: dict, model, site_trainables: dict | None = None) -> Scoring:
-    """The run's data and `model` split as the engine splits it. `site_trainables`: each
-    site's own trainable tree when the sites trained alone (they score themselves with it;
-    the unseen site with `model`)."""
+def scoring(cfg: dict, model, per_site=None) -> Scoring:
+    """The run's data and `model` split as the engine splits it. `per_site`: the sites'
+    own trainable trees stacked on a leading axis (in training-site order) when the sites
+    trained alone; each scores itself with its own, the unseen site with `model`."""
     fed = load_federation(cfg)
     train_sites, unseen = resolve_sites(cfg, fed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     partition = make_partition(params, cfg["partition"] or cfg["method"])
     trainable, frozen = partition.split(params)
-    own = {s: jax.tree.map(jax.numpy.asarray, t) for s, t in (site_trainables or {}).items()}
+    own = {}
+    if per_site is not None:
+        stacked = jax.tree.map(jax.numpy.asarray, per_site)
+        own = {s: jax.tree.map(lambda x, i=i: x[i], stacked) for i, s in enumerate(train_sites)}
     if cfg["cache_embeddings"]:
         from fedfms_jax import embedding_cache as ec
         fed = ec.EmbeddedFederation(fed, ec.Embedder(model, cfg["model"]["pixel_norm"]))

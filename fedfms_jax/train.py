@@ -1,8 +1,9 @@
-"""Federated fine-tuning of SAM (FedSAM / FedMSA) and its baselines.
+r"""Federated fine-tuning of SAM (FedSAM / FedMSA) and its baselines.
 
     python -m fedfms_jax.train                      # the demo: configs/demo.py into runs/demo
     python -m fedfms_jax.train --config configs/prostate.py:method=fedmsa,unseen=2 \
         --workdir runs/prostate_u2 --config.rounds=50
+    python -m fedfms_jax.train --config prostate:method=fedsam --config.init_from=weights/sam_vit_b
 
 Re-running the same command on an existing work dir resumes from its last checkpoint;
 a work dir made with another config is refused. Bad input ends with one line, exit 2;
@@ -10,62 +11,41 @@ a non-finite loss stops the run (exit 3) keeping the last good checkpoint.
 """
 from __future__ import annotations
 
-import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
-from fedfms_jax import config_cli, run_state, workdir as wd
+from fedfms_jax import config_cli, results, run_config, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
-from fedfms_jax.cli_errors import DivergedError, UsageError, run_cli
-from fedfms_jax.evaluate import evaluate_federation, format_table
+from fedfms_jax.cli_errors import DivergedError, run_cli
+from fedfms_jax.evaluation import evaluate_federation, format_table
+from fedfms_jax.federated.comm import comm_bytes
 from fedfms_jax.trained_model import write_final
-
-# Test hook: SIGKILL this process right after the checkpoint of this round is written.
-KILL_AFTER_ENV = "FEDFMS_KILL_AFTER_ROUND"
 
 
 # ===================================================================================== config
-def parse_config(argv: Sequence[str]) -> tuple[dict, Path]:
-    flags, overrides = config_cli.split_argv(argv, ("config", "workdir"))
-    spec = flags.get("config") or str(config_cli.default_config_path("demo"))
-    cfg = config_cli.load_config_file(spec)
-    config_cli.apply_overrides(cfg, overrides)
-    if cfg.tiny:  # the tiny switch shrinks everything; explicit overrides still win
-        from configs.common import apply_tiny
-        with cfg.unlocked():
-            apply_tiny(cfg)
-        config_cli.apply_overrides(cfg, overrides)
-    plain = config_cli.to_plain(cfg)
-    validate(plain)
-    default_dir = Path("runs") / ("demo" if "config" not in flags else (plain["name"] or "run"))
-    return plain, Path(flags.get("workdir") or default_dir)
+FLAGS = {
+    "config": ("NAME|FILE[:ARGS]", "a config by name (demo, prostate, fundus, ...) or a config file, "
+               "with get_config(ARGS); default: demo"),
+    "workdir": ("DIR", "where the run goes (default runs/<config name>; runs/demo for the demo); "
+                "an existing work dir of the same config resumes"),
+}
+DEFAULT_CONFIG = "demo"
 
 
-def validate(cfg: dict) -> None:
-    checks = [
-        (cfg["method"] in ("fedmsa", "fedsam"), f"method must be fedmsa or fedsam, got {cfg['method']!r}"),
-        (cfg["mode"] in ("federated", "centralized", "local"),
-         f"mode must be federated, centralized or local, got {cfg['mode']!r}"),
-        (cfg["rounds"] >= 1, "rounds must be >= 1"),
-        (cfg["batch_size"] >= 1 and cfg["eval_batch_size"] >= 1, "batch sizes must be >= 1"),
-        (cfg["local_epochs"] >= 1, "local_epochs must be >= 1"),
-        (cfg["eval_every"] >= 1, "eval_every must be >= 1"),
-        (cfg["lr"] > 0, "lr must be > 0"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise UsageError(msg)
-    from fedfms_jax import model_init
-    model_init.check_geometry(cfg)
-    if cfg["init_from"] not in ("random", "lite_medsam"):
-        model_init.check_weights_dir(Path(cfg["init_from"]))
+def parse_config(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, Path]:
+    if config_cli.wants_help(argv):
+        config_cli.raise_help("fedfms_jax.train", __doc__, FLAGS, argv, default_config=DEFAULT_CONFIG)
+    flags, overrides = config_cli.split_argv(argv, FLAGS)
+    cfg = config_cli.load_training_config(flags.get("config") or DEFAULT_CONFIG, overrides)
+    run_config.validate(cfg)
+    default_dir = Path("runs") / ("demo" if "config" not in flags else (cfg["name"] or "run"))
+    return cfg, Path(flags.get("workdir") or default_dir)
 
 
 # ============================================================================ progress output
@@ -96,7 +76,6 @@ def main(argv: Sequence[str]) -> int:
     loader = run_state.make_loader(cfg, sources)
     weights = np.asarray(loader.num_samples, np.float32)
     weights = weights / weights.sum()  # FedAvg weighted by training samples
-    from fedfms_jax.federated.comm import comm_bytes
     bytes_each_way = comm_bytes(engine.partition)
 
     # ------------------------------------------------------------------------- checkpoint
@@ -143,7 +122,8 @@ def main(argv: Sequence[str]) -> int:
     for r in range(start, cfg["rounds"] + 1):
         t0 = time.time()
         batches = run_state.round_batches(loader, cfg, r)
-        losses, finite = train_round(run, batches, weights)
+        run.state, m = engine.run_round(run.state, batches, weights)
+        losses, finite = np.asarray(m["loss"]), np.asarray(m["finite"])
         bad = [c for c, ok in zip(run.clients, finite) if not ok]
         if bad:
             loss_txt = ", ".join(f"{c}={l:.4g}" for c, l in zip(run.clients, losses) if c in bad)
@@ -172,8 +152,6 @@ def main(argv: Sequence[str]) -> int:
         if eval_res is not None:
             msg += _eval_summary(eval_res)
         log(msg)
-        if os.environ.get(KILL_AFTER_ENV) == str(r):
-            os.kill(os.getpid(), signal.SIGKILL)
     ckpt.close()
     loader.close()
 
@@ -182,45 +160,16 @@ def main(argv: Sequence[str]) -> int:
     log(f"final model: {final_dir}")
 
     # ---------------------------------------------------------------------------- results
-    final = last_eval
-    results = {
-        "config_name": cfg["name"], "federation": cfg["federation"], "method": cfg["method"],
-        "mode": cfg["mode"], "rounds": cfg["rounds"], "train_sites": run.train_sites,
-        "unseen_site": run.unseen_site, "initial": _block(initial), "final": _block(final),
-        "comm_bytes_per_round_per_client": bytes_each_way,
-        "comm_bytes_per_round_per_client_both_ways": 2 * bytes_each_way,
-        "trainable_params": run.model_info["trainable_params"], "train_seconds": round(train_seconds, 3),
-    }
-    wd.write_atomic(path / wd.RESULTS_FILE, json.dumps(results, indent=1, sort_keys=True) + "\n")
-    log(summary_table(results))
-    log(f"results: {path / wd.RESULTS_FILE}")
+    out = results.assemble(cfg, run.train_sites, run.unseen_site, initial=initial, final=last_eval,
+                           bytes_each_way=bytes_each_way, trainable_params=run.model_info["trainable_params"],
+                           train_seconds=train_seconds)
+    written = results.write(path, out)
+    log(results.summary_table(out))
+    log(f"results: {written}")
     return 0
 
 
-# ================================================================================ update step
-def train_round(run, batches, weights):
-    """One round on every client; returns (losses [C], finite [C]) on the host."""
-    if not run.local:
-        run.state, m = run.engine.run_round(run.state, batches, weights)
-        return np.asarray(m["loss"]), np.asarray(m["finite"])
-    losses, finite = [], []
-    for i, site in enumerate(run.clients):  # local-only: one client at a time, no aggregation
-        own = {k: v[:, i:i + 1] for k, v in batches.items()}
-        run.state[site], m = run.engine.run_round(run.state[site], own, np.ones(1, np.float32))
-        losses.append(float(np.asarray(m["loss"])[0]))
-        finite.append(bool(np.asarray(m["finite"])[0]))
-    return np.asarray(losses), np.asarray(finite)
-
-
-def _block(res: dict | None) -> dict:
-    if not res:
-        return {}
-    out = {"sites": res.get("sites", {}), "average": res.get("average", {})}
-    if "unseen" in res:
-        out["unseen"] = res["unseen"]
-    return out
-
-
+# ============================================================================ progress line
 def _eval_summary(res: dict) -> str:
     txt = ""
     if res.get("average"):
@@ -228,23 +177,6 @@ def _eval_summary(res: dict) -> str:
     if "unseen" in res and "dice" in res["unseen"]:
         txt += f" | unseen dice {res['unseen']['dice']:.4f} (thr-avg {res['unseen']['dice_thresh_avg']:.4f})"
     return txt
-
-
-def summary_table(results: dict) -> str:
-    lines = [f"{'':<22}{'initial dice':>14}{'final dice':>12}{'final thr-avg':>15}{'final iou':>11}"]
-    init, fin = results["initial"], results["final"]
-    names = list(fin.get("sites", {})) + (["unseen"] if "unseen" in fin else [])
-    for name in names:
-        a = init["unseen"] if name == "unseen" else init.get("sites", {}).get(name, {})
-        b = fin["unseen"] if name == "unseen" else fin["sites"][name]
-        if "dice" not in b:
-            continue
-        label = f"unseen ({results['unseen_site']})" if name == "unseen" else name
-        lines.append(f"{label[:21]:<22}{a.get('dice', float('nan')):>14.4f}{b['dice']:>12.4f}"
-                     f"{b['dice_thresh_avg']:>15.4f}{b['iou']:>11.4f}")
-    lines.append(f"rounds {results['rounds']}, train {results['train_seconds']:.1f}s, "
-                 f"{results['comm_bytes_per_round_per_client'] / 1e6:.2f} MB per client per round each way")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

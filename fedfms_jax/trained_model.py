@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 
-from fedfms_jax import checkpoint, model_init, workdir as wd
+from fedfms_jax import checkpoint, model_init, run_config, workdir as wd
 from fedfms_jax.cli_errors import UsageError
 from weights_convert.store import (
     build_loaded, config_from_json, fill_model, model_variables, path_name, save_weights,
@@ -61,8 +61,9 @@ def _unfinished_round(workdir: Path, round_: int | None) -> TrainedModel:
     """A round of a run that has not written final/ yet: the model built from the run's
     `init_from` (the frozen leaves never change), its trainable leaves from the checkpoint."""
     cfg = wd.load_config(workdir)
+    run_config.validate(cfg)
     try:
-        step, trained = round_params(workdir, round_)
+        step, trained = round_params(workdir, round_, local=cfg["mode"] == "local")
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
     config, model, _ = model_init.build_model(cfg)
@@ -75,15 +76,13 @@ def _unfinished_round(workdir: Path, round_: int | None) -> TrainedModel:
     return TrainedModel(config, model, step)
 
 
-def site_trainables(workdir: Path, round_: int | None) -> dict:
-    """{site: trainable tree} of a run whose sites train alone (round `round_`, else the
-    latest); {} for any other run."""
+def site_trainables(workdir: Path, round_: int | None):
+    """The sites' own trainable trees (stacked, training-site order) of a run whose sites
+    trained alone, from checkpoint `round_` (else the latest)."""
     try:
-        with checkpoint.open_workdir(workdir) as ckpt:
-            tree, _ = ckpt.read(checkpoint.pick_round(ckpt, round_, workdir))
+        return checkpoint.site_params(workdir, round_)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return checkpoint.site_params(tree)
 
 
 def _one_line(exc: Exception) -> str:

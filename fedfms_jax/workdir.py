@@ -1,7 +1,8 @@
 """Work directory bookkeeping: config fingerprint, refusal of foreign dirs, writability.
 
 A work dir belongs to exactly one config. Re-running the same command resumes; a
-different config is refused (exit 2) and nothing in the directory is touched.
+different config is refused (exit 2) and nothing in the directory is touched. Configs
+are ConfigDicts everywhere else; here they become plain JSON (config.json) and back.
 """
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
+import ml_collections
+
+from fedfms_jax import run_config
 from fedfms_jax.cli_errors import UsageError
 
 CONFIG_FILE = "config.json"
@@ -20,12 +25,23 @@ CKPT_DIR = "checkpoints"
 OVERLAY_DIR = "overlays"
 
 
-def canonical_json(cfg: dict) -> str:
-    return json.dumps(cfg, sort_keys=True, indent=1)
+def to_plain(cfg) -> dict:
+    """A config (ConfigDict or dict) as JSON-ready dicts and lists, keys sorted."""
+    def conv(v):
+        if isinstance(v, (ml_collections.ConfigDict, Mapping)):
+            return {k: conv(v[k]) for k in sorted(v.keys())}
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        return v
+    return conv(cfg)
 
 
-def fingerprint(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+def canonical_json(cfg) -> str:
+    return json.dumps(to_plain(cfg), sort_keys=True, indent=1)
+
+
+def fingerprint(cfg) -> str:
+    return hashlib.sha256(json.dumps(to_plain(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -56,22 +72,24 @@ def check_writable(path: Path) -> None:
         raise UsageError(f"work dir {path} is not writable ({exc.strerror or exc})") from None
 
 
-def prepare(workdir: str | os.PathLike, cfg: dict) -> tuple[Path, bool]:
+def prepare(workdir: str | os.PathLike, cfg) -> tuple[Path, bool]:
     """Check `workdir` for `cfg` before any file is written.
 
     Returns (path, resuming). Refuses a directory made with another config, or a
-    non-empty directory that is no work dir at all.
+    non-empty directory that is no work dir at all. A config.json written before some
+    field existed matches when the new config has that field's default.
     """
     path = Path(workdir)
     check_writable(path)
     cfg_file = path / CONFIG_FILE
     if cfg_file.exists():
         try:
-            old = json.loads(cfg_file.read_text())
-        except (OSError, ValueError) as exc:
+            old = to_plain(run_config.from_json(json.loads(cfg_file.read_text())))
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise UsageError(f"{cfg_file} is unreadable ({exc}); refusing to reuse this work dir") from None
-        if old != cfg:
-            changes = _diff(old, cfg)
+        new = to_plain(cfg)
+        if old != new:
+            changes = _diff(old, new)
             shown = "; ".join(changes[:3]) + (f"; +{len(changes) - 3} more" if len(changes) > 3 else "")
             raise UsageError(f"work dir {path} was made with a different config ({shown}); "
                              "use a new --workdir")
@@ -81,7 +99,7 @@ def prepare(workdir: str | os.PathLike, cfg: dict) -> tuple[Path, bool]:
     return path, False
 
 
-def create(path: Path, cfg: dict) -> None:
+def create(path: Path, cfg) -> None:
     path.mkdir(parents=True, exist_ok=True)
     write_atomic(path / CONFIG_FILE, canonical_json(cfg) + "\n")
 
@@ -92,11 +110,15 @@ def write_atomic(target: Path, text: str) -> None:
     os.replace(tmp, target)
 
 
-def load_config(workdir: str | os.PathLike) -> dict:
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """A work dir's config (fields it predates take their defaults)."""
     cfg_file = Path(workdir) / CONFIG_FILE
     if not cfg_file.is_file():
         raise UsageError(f"{workdir} is not a training work dir (no {CONFIG_FILE})")
-    return json.loads(cfg_file.read_text())
+    try:
+        return run_config.from_json(json.loads(cfg_file.read_text()))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{cfg_file} is unreadable ({exc})") from None
 
 
 class MetricsLog:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import jax
@@ -144,6 +145,14 @@ def test_benchmark_cli_round(tmp_path):
         assert saved[key] == pytest.approx(result[key])
     assert saved["speedup"] == pytest.approx(saved["jax_images_per_s"] / saved["torch_images_per_s"])
     assert result["torch"]["trainable_params"] == result["jax"]["trainable_params"]
+    # Each side ran in a fresh process of its own, and the JAX one never imported torch.
+    pids = {result["jax"]["process"]["pid"], result["torch"]["process"]["pid"], os.getpid()}
+    assert len(pids) == 3 and result["processes"] == "separate"
+    assert result["jax"]["process"]["torch_imported"] is False
+    assert result["torch"]["process"]["torch_imported"] is True
+    assert 0 < saved["torch_mfu"] == pytest.approx(
+        saved["flops_per_image"] * saved["torch_images_per_s"] / saved["jax"]["peak_flops"])
+    assert saved["torch"]["matmul_peak_flops"] > 0
     assert len(saved["jax"]["round"]["samples_s"]) == 2
     assert len(saved["torch"]["round"]["samples_s"]) == 1
     assert saved["jax"]["eval_images_per_s"] > 0

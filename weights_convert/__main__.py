@@ -16,8 +16,15 @@ from weights_convert.tensorfile import CheckpointError
 EXIT_ERROR = 2
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Bad arguments: one line naming the problem and pointing at --help, exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m weights_convert",
+    p = _OneLineErrors(prog="python -m weights_convert",
                                 description="SAM-family PyTorch checkpoints to Flax weights and back.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -31,11 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--adapters", action="store_true", help="add freshly initialised MSA adapters")
     c.add_argument("--adapter-zero-init", action="store_true",
                    help="with --adapters: zero the adapters' up-projection so outputs start unchanged")
-    c.add_argument("--prompt-free", action="store_true", help="FedFMS: the mask decoder ignores prompts")
-    c.add_argument("--pixel-norm", default="sam", choices=("sam", "unit"),
-                   help="sam: SAM's mean/std; unit: pixels / 255 only (as FedFMS trains)")
-    c.add_argument("--pad-before-norm1", action="store_true",
-                   help="ViT: zero-pad attention windows before norm1, as the MSA/FedFMS originals do")
+    # Numerics default to what the detected family's own code does; each flag overrides it.
+    c.add_argument("--prompt-free", action=argparse.BooleanOptionalAction, default=None,
+                   help="FedFMS: the mask decoder ignores prompts (default: as detected)")
+    c.add_argument("--pixel-norm", default=None, choices=("sam", "unit"),
+                   help="sam: SAM's mean/std; unit: pixels / 255 only, as FedFMS trains (default: as detected)")
+    c.add_argument("--pad-before-norm1", action=argparse.BooleanOptionalAction, default=None,
+                   help="ViT: zero-pad attention windows before norm1, as the MSA/FedFMS originals do "
+                        "(default: as detected)")
     c.add_argument("--seed", type=int, default=0, help="seed for added adapters")
     c.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
@@ -73,6 +83,7 @@ def _convert(args) -> int:
                           adapter_zero_init=args.adapter_zero_init, prompt_free=args.prompt_free,
                           pixel_norm=args.pixel_norm, pad_before_norm1=args.pad_before_norm1, seed=args.seed)
     summary = convert_checkpoint(args.checkpoint, args.out, opts, force=args.force)
+    print(summary["choice"])
     print(f"converted {args.checkpoint} ({summary['detected']}): {summary['keys_used']} keys -> "
           f"{summary['tensors_written']} tensors in {args.out}")
     return 0
@@ -114,13 +125,15 @@ def _inspect(args) -> int:
         return 0
     import numpy as np
 
-    from weights_convert.detect import detect
+    from weights_convert.detect import detect, family_of
     from weights_convert.pth import load_checkpoint
 
     state_dict = load_checkpoint(args.path)
     n = sum(int(np.prod(v.shape)) for v in state_dict.values())
     print(f"{args.path}: {len(state_dict)} keys, {n:,} values")
-    print(detect(state_dict).describe())
+    det = detect(state_dict)
+    print(det.describe())
+    print(family_of(det).describe())
     return 0
 
 

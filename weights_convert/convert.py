@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from weights_convert import rules
-from weights_convert.detect import Detected, detect, is_adapter_key
+from weights_convert.detect import NUMERICS, Detected, Family, detect, family_of, is_adapter_key, unused_keys
 from weights_convert.pth import load_checkpoint
 from weights_convert.store import (
     cheap_tracer_errors, abstract_model, mismatch_message, model_variables, path_name, write_dir,
@@ -36,10 +36,17 @@ class ConvertOptions:
     image_size: int | None = None  # None: the checkpoint's own
     adapters: bool = False  # add freshly initialised MSA adapters if the checkpoint has none
     adapter_zero_init: bool = False  # ... with a zero up-projection (model output unchanged)
-    prompt_free: bool = False  # FedFMS: the decoder ignores prompts
-    pixel_norm: str = "sam"  # "unit": images / 255 without SAM's mean/std (as FedFMS trains)
-    pad_before_norm1: bool = False  # ViT: pad windows before norm1, as the MSA/FedFMS originals
+    # The numerics below default (None) to what the detected family's own code does.
+    prompt_free: bool | None = None  # FedFMS: the decoder ignores prompts
+    pixel_norm: str | None = None  # "unit": images / 255 without SAM's mean/std (as FedFMS trains)
+    pad_before_norm1: bool | None = None  # ViT: pad windows before norm1, as the MSA/FedFMS originals
     seed: int = 0  # for added adapters
+
+
+def chosen_numerics(family: Family, opts: ConvertOptions) -> dict[str, Any]:
+    """The family's numerics, each replaced by the option when one is given."""
+    return {name: getattr(family.numerics, name) if getattr(opts, name) is None else getattr(opts, name)
+            for name in NUMERICS}
 
 
 def _is_torch_only(key: str) -> bool:
@@ -54,16 +61,17 @@ def _torch_shape(path: tuple, flax_shape: tuple) -> tuple:
 def make_config(det: Detected, opts: ConvertOptions):
     from fedfms_jax.models.sam import SamConfig
 
-    if opts.pixel_norm not in PIXEL_NORMS:
+    numerics = chosen_numerics(family_of(det), opts)
+    if numerics["pixel_norm"] not in PIXEL_NORMS:
         raise CheckpointError(f"--pixel-norm must be one of {', '.join(PIXEL_NORMS)}, not {opts.pixel_norm!r}")
     size = opts.image_size or det.image_size
     kw: dict[str, Any] = dict(
         encoder=det.encoder, image_size=int(size), adapters=det.adapters or opts.adapters,
-        prompt_free=opts.prompt_free, num_classes=det.num_classes, pixel_norm=opts.pixel_norm,
+        prompt_free=bool(numerics["prompt_free"]), num_classes=det.num_classes, pixel_norm=numerics["pixel_norm"],
     )
     if opts.adapters and not det.adapters:
         kw["adapter_zero_init"] = opts.adapter_zero_init
-    if opts.pad_before_norm1:
+    if numerics["pad_before_norm1"]:
         kw["pad_before_norm1"] = True
     if det.tiny_vit is not None:
         kw["tiny_vit"] = dataclasses.replace(det.tiny_vit, img_size=int(size))
@@ -161,19 +169,35 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
     """Convert a PyTorch checkpoint into a weights directory; returns a summary."""
     state_dict = load_checkpoint(checkpoint)
     det = detect(state_dict, opts.variant)
+    family = family_of(det)
     config = make_config(det, opts)
+    chosen = {name: getattr(config, name) for name in NUMERICS}
     adding = opts.adapters and not det.adapters
-    pending, torch_only = plan(state_dict, config, resizing=config.image_size != det.image_size,
+    unused = unused_keys(det, state_dict)  # kept aside, given back on export
+    model_keys = {k: v for k, v in state_dict.items() if k not in unused}
+    pending, torch_only = plan(model_keys, config, resizing=config.image_size != det.image_size,
                                adding_adapters=adding, seed=opts.seed)
+    torch_only.update({k: _carried_entry(state_dict[k]) for k in unused})
     meta = {
         "source": {"checkpoint": Path(checkpoint).name, "keys": len(state_dict),
                    "image_size": det.image_size, "adapters": det.adapters},
+        "detected": {"family": family.name, "evidence": family.evidence, "numerics": chosen,
+                     "family_numerics": dataclasses.asdict(family.numerics),
+                     "overridden": [n for n in NUMERICS if getattr(opts, n) is not None
+                                    and getattr(opts, n) != getattr(family.numerics, n)]},
         "added_adapters": adding,
         "torch_only": torch_only,
     }
     write_dir(out, config, pending, meta=meta, force=force)
-    return {"detected": det.describe(), "keys_used": len(state_dict), "tensors_written": len(pending),
+    return {"detected": det.describe(), "family": family.name, "numerics": chosen,
+            "choice": family.describe(chosen),
+            "keys_used": len(state_dict), "tensors_written": len(pending),
             "image_size": config.image_size, "added_adapters": adding}
+
+
+def _carried_entry(tensor) -> dict:
+    value = as_numpy(tensor)
+    return {"dtype": value.dtype.name, "shape": list(value.shape), "value": value.tolist()}
 
 
 def _carried_value(entry) -> np.ndarray:

@@ -5,6 +5,10 @@ block count; TinyViT encoders (MobileSAM, TinySAM, LiteMedSAM) by their `layers.
 stages, with every setting inferred from shapes. The input size comes from the
 absolute pos-embed grid (ViT) or the TinyViT's patch/merge strides; MSA adapters from
 `*_Adapter.*` keys; the FedFMS class count from the decoder's `seg1` conv.
+
+`family_of` then names what produced the checkpoint and the numerics that family's own
+code computes with (window padding order, prompts, pixel normalisation), which a
+conversion uses unless told otherwise.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class Detected:
     tiny_vit: Any = None  # TinyViTConfig for encoder == "tiny_vit"
     embed_dim: int | None = None  # ViT width
     depth: int | None = None  # ViT blocks
+    seg1: bool = False  # the FedFMS decoder's class head is in the checkpoint (even for 1 class)
 
     def describe(self) -> str:
         extra = f", {self.depth} blocks x {self.embed_dim}" if self.embed_dim else ""
@@ -86,6 +91,7 @@ def detect(state_dict: Mapping[str, Any], variant: str = "auto") -> Detected:
     adapters = any(_ADAPTER.match(k) for k in shapes)
     seg1 = shapes.get("mask_decoder.seg1.weight")
     num_classes = int(seg1[0]) if seg1 is not None else 1
+    has_seg1 = seg1 is not None
 
     if "image_encoder.patch_embed.seq.0.c.weight" in shapes:
         if forced not in (None, "tiny_vit"):
@@ -98,12 +104,13 @@ def detect(state_dict: Mapping[str, Any], variant: str = "auto") -> Detected:
             cfg = infer_tiny_vit_config(base)
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"TinyViT image encoder with unreadable settings: {e}") from None
-        return Detected("tiny_vit", int(cfg.img_size), adapters, num_classes, tiny_vit=cfg)
+        return Detected("tiny_vit", int(cfg.img_size), adapters, num_classes, tiny_vit=cfg, seg1=has_seg1)
     if "image_encoder.patch_embed.proj.weight" in shapes:
         if forced == "tiny_vit":
             raise CheckpointError("--variant tiny_vit does not fit the checkpoint: its image encoder is a ViT")
         name, size, dim, depth = _detect_vit(shapes, forced)
-        return Detected(name, int(size), adapters, num_classes, embed_dim=int(dim), depth=int(depth))
+        return Detected(name, int(size), adapters, num_classes, embed_dim=int(dim), depth=int(depth),
+                        seg1=has_seg1)
     raise CheckpointError(
         "unknown image encoder: neither image_encoder.patch_embed.proj.weight (ViT) nor "
         "image_encoder.patch_embed.seq.0.c.weight (TinyViT) is present"
@@ -112,3 +119,91 @@ def detect(state_dict: Mapping[str, Any], variant: str = "auto") -> Detected:
 
 def is_adapter_key(key: str) -> bool:
     return bool(_ADAPTER.match(key))
+
+
+# ------------------------------------------------------------------ families
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """How a family's own code runs its model; a conversion's defaults."""
+
+    pad_before_norm1: bool  # ViT windows zero-padded before norm1 (MSA/FedFMS) or after (SAM)
+    prompt_free: bool  # FedFMS: dummy prompt, the decoder drops prompt embeddings
+    pixel_norm: str  # "sam": SAM's mean/std; "unit": pixels / 255 (or min-max to [0, 1])
+
+
+NUMERICS = tuple(f.name for f in dataclasses.fields(Numerics))  # also SamConfig field names
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    evidence: str  # what in the checkpoint says so
+    numerics: Numerics
+    vit: bool  # the padding order is a choice only for ViT encoders
+
+    def describe(self, chosen: Mapping[str, Any] | None = None) -> str:
+        """One line: what was detected and the numerics chosen (the family's unless
+        `chosen` says otherwise; such choices are marked as set by a flag)."""
+        def show(name: str) -> str:
+            default = getattr(self.numerics, name)
+            value = default if chosen is None else chosen[name]
+            if name == "pad_before_norm1" and not self.vit:
+                return f"{name}=n/a"
+            text = ("on" if value else "off") if isinstance(value, bool) else value
+            if value == default:
+                return f"{name}={text}"
+            shown = ("on" if default else "off") if isinstance(default, bool) else default
+            return f"{name}={text} (flag; detected {shown})"
+
+        return f"detected: {self.name} ({self.evidence}) -> " + ", ".join(show(n) for n in NUMERICS)
+
+
+_SAM_NUMERICS = Numerics(pad_before_norm1=False, prompt_free=False, pixel_norm="sam")
+_VIT_NAMES = {"vit_b": "ViT-B", "vit_l": "ViT-L", "vit_h": "ViT-H", "vit_tiny": "ViT (test size)"}
+
+
+def _tiny_vit_preset(det: Detected) -> str | None:
+    from fedfms_jax.models.tiny_vit import TINY_VIT_PRESETS
+
+    for name, preset in TINY_VIT_PRESETS.items():
+        if dataclasses.replace(det.tiny_vit, img_size=preset.img_size) == preset:
+            return name
+    return None
+
+
+def family_of(det: Detected) -> Family:
+    """What produced the checkpoint, told from its keys and shapes, and its numerics.
+
+    FedFMS always builds `seg1` (unused for one class) and runs prompt-free on x / 255;
+    its ViT blocks are MSA blocks. MSA pads windows before norm1 but otherwise computes
+    as SAM. LiteMedSAM scales images to [0, 1] and takes box prompts. Official SAM,
+    MedSAM (a ViT-B fine-tune with official SAM's keys and shapes), MobileSAM and TinySAM
+    (the same TinyViT) cannot be told apart further and get official SAM's numerics.
+    """
+    vit = det.encoder != "tiny_vit"
+    encoder = _VIT_NAMES.get(det.encoder, det.encoder) if vit else "TinyViT"
+    size = f"{det.image_size} px"
+    body = f"{encoder} with MSA adapters" if det.adapters else encoder
+    msa_pad = vit and det.adapters  # the MSA block's order; TinyViT has no such choice
+    if det.seg1:
+        classes = f"{det.num_classes} class{'es' if det.num_classes > 1 else ''}"
+        return Family("FedFMS", f"{body}, seg1 head, {classes}, {size}", Numerics(msa_pad, True, "unit"), vit)
+    if det.adapters:
+        return Family("MSA", f"{body}, {size}", Numerics(msa_pad, False, "sam"), vit)
+    if vit:
+        name = "SAM or MedSAM" if det.encoder == "vit_b" else "SAM"
+        return Family(name, f"{encoder}, {size}", _SAM_NUMERICS, vit)
+    preset = _tiny_vit_preset(det)
+    if preset == "lite_medsam":
+        return Family("LiteMedSAM", f"TinyViT with 1x1 patch convs, {size}", Numerics(False, False, "unit"), vit)
+    if preset in ("mobile_sam", "tiny_sam"):
+        return Family("MobileSAM or TinySAM", f"TinyViT-5M, {size}", _SAM_NUMERICS, vit)
+    return Family("TinyViT SAM", f"TinyViT of another layout, {size}", _SAM_NUMERICS, vit)
+
+
+def unused_keys(det: Detected, keys) -> list[str]:
+    """Checkpoint entries the family's model never reads: FedFMS's one-class `seg1`."""
+    if det.seg1 and det.num_classes == 1:
+        return [k for k in keys if k.startswith("mask_decoder.seg1.")]
+    return []

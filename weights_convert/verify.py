@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from weights_convert.convert import ConvertOptions, convert_checkpoint
-from weights_convert.detect import Detected, detect
+from weights_convert.detect import Detected, detect, unused_keys
 from weights_convert.pth import load_checkpoint
 from weights_convert.store import load_model
 from weights_convert.tensorfile import CheckpointError
@@ -129,6 +129,8 @@ def verify_checkpoint(checkpoint: str | os.PathLike, *, variant: str = "auto", s
         raise CheckpointError("verify needs torch (pip install torch)") from None
     state_dict = {k: v.numpy() for k, v in load_checkpoint(checkpoint).items()}
     det = detect(state_dict, variant)
+    unused = unused_keys(det, state_dict)  # FedFMS's one-class seg1: the PyTorch model never reads it
+    state_dict = {k: v for k, v in state_dict.items() if k not in unused}
     if weights is not None:
         config, flax_model = load_model(weights)
     else:

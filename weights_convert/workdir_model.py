@@ -56,14 +56,16 @@ def model_source(path: str | os.PathLike, round_: int | None = None) -> ModelSou
     doc, tensors = read_meta(final), read_params(final)
     if round_ is None:
         return ModelSource(doc, tensors, (doc.get("trained") or {}).get("round"))
-    step, trained = round_params(path, round_)
+    local = (doc.get("trained") or {}).get("mode") == "local"
+    step, trained = round_params(path, round_, local=local)
     return ModelSource(doc, overlay(tensors, trained, where=f"round {step} of {path}"), step)
 
 
-def round_params(workdir: str | os.PathLike, round_: int | None) -> tuple[int, dict]:
-    """(round, {slash path: array}) of the global trainable leaves saved for `round_` (latest)."""
+def round_params(workdir: str | os.PathLike, round_: int | None, *, local: bool = False) -> tuple[int, dict]:
+    """(round, {slash path: array}) of the global trainable leaves saved for `round_`
+    (latest); `local`: the run's sites trained alone (the global model is their mean)."""
     try:
-        return checkpoint.global_params(workdir, round_)
+        return checkpoint.global_params(workdir, round_, local=local)
     except (ValueError, FileNotFoundError) as e:
         raise CheckpointError(str(e)) from None
 

@@ -120,6 +120,7 @@ class JaxRound:
             client_optimizer=optax.adam(1e-4, b1=0.9, b2=0.999),
             server_optimizer="fedavg", loss="bce", pos_weight=2.0,
             keep_client_opt_state=cfg.persistent_clients, compute_dtype=dtype_name,
+            keep_client_params=True,  # the aggregation timing below averages them
             **({"client_chunk": chunk} if (chunk := resolve_client_chunk(cfg.client_chunk)) else {}))
         del model
         progress(f"JAX: counting FLOPs of one local step ({cfg.flops})")

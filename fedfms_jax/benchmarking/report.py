@@ -68,8 +68,10 @@ def format_round(r: dict) -> str:
             f"    step            {_fmt(t['step_s'])} s per client step",
             f"    aggregation     {_fmt(t['aggregate_s'])} s",
             f"    eval            {_fmt(t.get('eval_images_per_s'))} img/s",
-            f"    achieved        {_fmt(t['achieved_flops'])} FLOP/s",
-            f"  speedup (JAX / PyTorch images/s): {r['speedup']:.2f}x",
+            f"    achieved        {_fmt(t['achieved_flops'])} FLOP/s; MFU {100 * t['mfu']:.1f}% "
+            f"(torch's own fp32 matmul: {_fmt(t.get('matmul_peak_flops'))} FLOP/s)",
+            f"  speedup (JAX / PyTorch images/s): {r['speedup']:.2f}x "
+            f"({'each side in its own process' if r.get('processes') == 'separate' else 'both in one process'})",
         ]
     return "\n".join(lines)
 

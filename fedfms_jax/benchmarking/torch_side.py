@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 
-import jax
 import numpy as np
 import torch
 
@@ -20,7 +20,24 @@ from fedfms_jax.reference.torch_original_round import OriginalStyleFederation
 
 
 def torch_device() -> str:
-    return "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
+    # Decided by torch alone: this process never starts a JAX backend.
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_matmul_flops(device: str, n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 FLOP/s of a square matmul under torch: its own ceiling on this machine."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
 
 
 def build_torch_model(cfg):

@@ -42,13 +42,19 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_nifti(path: Path) -> np.ndarray:
-    """A NIfTI volume as float32 [X, Y, Z] (nibabel's axis order)."""
+    """A NIfTI volume as float32 [X, Y, Z] in its closest canonical (RAS+) orientation.
+
+    Reorienting as viewers do makes a volume stored flipped or permuted give the same slices
+    in training and in `predict` (a canonical file is returned as stored)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"missing file {path}")
     try:
         import nibabel as nib
-        vol = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+        img = nib.load(str(path))
+        if len(img.shape) >= 3:
+            img = nib.as_closest_canonical(img)
+        vol = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as e:
         raise DataError(f"cannot read NIfTI volume {path}: {type(e).__name__}: {e}".replace("\n", " ")) from None
     if vol.ndim == 4 and vol.shape[-1] == 1:
@@ -68,9 +74,21 @@ def read_npy(path: Path, mmap: bool = True) -> np.ndarray:
         raise DataError(f"cannot read {path}: {type(e).__name__}: {e}".replace("\n", " ")) from None
 
 
-def axial_slices(vol: np.ndarray) -> np.ndarray:
-    """[X, Y, Z] NIfTI volume -> [Z, Y, X] stack of axial slices (rows = Y, as viewers show them)."""
-    return np.transpose(vol, (2, 1, 0))
+# How a volume's axial slices are laid out: "yx" puts Y on the rows, as viewers show them;
+# "xy" keeps nibabel's [X, Y] (the original FedFMS code's slices).
+SLICE_ORIENTATIONS = {"yx": (2, 1, 0), "xy": (2, 0, 1)}
+
+
+def axial_slices(vol: np.ndarray, orientation: str = "yx") -> np.ndarray:
+    """[X, Y, Z] NIfTI volume -> [Z, rows, cols] stack of axial slices."""
+    if orientation not in SLICE_ORIENTATIONS:
+        raise ValueError(f"slice orientation must be one of {sorted(SLICE_ORIENTATIONS)}, got {orientation!r}")
+    return np.transpose(vol, SLICE_ORIENTATIONS[orientation])
+
+
+def volume_of_slices(slices: np.ndarray, orientation: str = "yx") -> np.ndarray:
+    """The inverse of `axial_slices`: [Z, rows, cols] -> [X, Y, Z]."""
+    return np.transpose(slices, np.argsort(SLICE_ORIENTATIONS[orientation]))
 
 
 # -- intensities --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from fedfms_jax.federated.partition import Partition, _get, _nest
+from fedfms_jax.federated.partition import Partition, nest
 
 
 def to_numpy_leaves(partition: Partition, trainable: Mapping) -> list[np.ndarray]:
@@ -55,7 +55,7 @@ def record_to_leaves(partition: Partition, record) -> list[np.ndarray]:
 
 
 def leaves_to_tree(partition: Partition, leaves: Sequence[np.ndarray]) -> dict:
-    return _nest(dict(zip(partition.trainable_paths, leaves)))
+    return nest(dict(zip(partition.trainable_paths, leaves)))
 
 
 def record_to_tree(partition: Partition, record) -> dict:
@@ -74,10 +74,6 @@ def record_to_opaque(record, like: Any):
     if len(record) != len(leaves):
         raise ValueError(f"stored state has {len(record)} leaves, expected {len(leaves)}")
     return jax.tree.unflatten(treedef, [record[str(i)].numpy() for i in range(len(leaves))])
-
-
-def get_leaf(tree: Mapping, path: str):
-    return _get(tree, path)
 
 
 # ----------------------------------------------------------------- payload size check

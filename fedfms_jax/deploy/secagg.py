@@ -58,7 +58,8 @@ def _strategy_cls():
 
 
 def secagg_round(coord, round_: int, trainers: dict[int, dict]):
-    """Run SecAgg+ over the training nodes. Returns (mean update tree or None, per-site metrics)."""
+    """Run SecAgg+ over the training nodes. Returns (mean update leaves in
+    `trainable_paths` order or None, per-site metrics)."""
     from flwr.app import ConfigRecord
     from flwr.common import ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
@@ -67,8 +68,6 @@ def secagg_round(coord, round_: int, trainers: dict[int, dict]):
     from flwr.server.server_config import ServerConfig
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
-
-    from fedfms_jax.deploy.payload import leaves_to_tree
 
     opts = coord.opts
     if not trainers:
@@ -97,7 +96,7 @@ def secagg_round(coord, round_: int, trainers: dict[int, dict]):
               f"{opts['secagg_clip_range']} (raise secagg-clip-range)", flush=True)
     for m in strategy.per_client.values():
         m["counted"] = 1
-    return leaves_to_tree(coord.state.partition, strategy.mean), strategy.per_client
+    return strategy.mean, strategy.per_client
 
 
 __all__ = ["secagg_round", "json"]

@@ -2,8 +2,8 @@
 
 Run config keys (the app's [tool.flwr.app.config], overridable with --run-config):
   config      the training config, exactly as for `python -m fedfms_jax.train --config`
-              (e.g. "configs/prostate.py:method=fedmsa,unseen=2"); relative paths are
-              tried from the working directory, then from the installed repository
+              (e.g. "configs/prostate.py:method=fedmsa,unseen=2" or "prostate:method=fedmsa");
+              a configs/<name>.py not found from the working directory is the library's own
   overrides   space-separated field=value config overrides ("rounds=50 lr=1e-4")
   workdir     where metrics.jsonl, results.json and the orbax checkpoints go; the same
               workdir resumes after a server restart (a different config is refused)
@@ -25,6 +25,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedfms_jax import config_cli, results, workdir as wd
+from fedfms_jax.run_config import validate as validate_training_config
 from fedfms_jax.deploy import protocol as proto
 
 app = ServerApp()
@@ -43,16 +45,21 @@ def log(msg: str) -> None:
             f.write(line + "\n")
 
 
+def training_config(spec: str, overrides: str):
+    """The training config of `spec` (as for `train --config`) with "field=value ..."
+    overrides, validated as the training CLI does. The deployment's one use of the config layer."""
+    bad = [kv for kv in overrides.split() if "=" not in kv]
+    if bad:
+        raise ValueError(f"overrides must be field=value, got {bad[0]!r}")
+    cfg = config_cli.load_training_config(spec, [tuple(kv.split("=", 1)) for kv in overrides.split()])
+    validate_training_config(cfg)
+    return cfg
+
+
 def load_run_config(run_config) -> tuple[dict, Path]:
-    """(plain training config with cfg["deploy"], workdir) from Flower's run config."""
-    from fedfms_jax import train
-    from fedfms_jax.config_cli import REPO_ROOT
-    spec = str(run_config.get("config", "configs/synthetic.py"))
-    path_text, sep, arg = spec.partition(":")
-    if not Path(path_text).is_file() and (REPO_ROOT / path_text).is_file():
-        spec = str(REPO_ROOT / path_text) + sep + arg
-    argv = ["--config", spec] + [f"--config.{kv}" for kv in str(run_config.get("overrides", "")).split()]
-    cfg, _ = train.parse_config(argv)
+    """(training config with cfg["deploy"], workdir) from Flower's run config."""
+    cfg = training_config(str(run_config.get("config", "configs/synthetic.py")),
+                          str(run_config.get("overrides", "")))
     if cfg["mode"] != "federated":
         raise ValueError(f"deployment runs mode=federated only, config has {cfg['mode']!r}")
     cfg["deploy"] = proto.deploy_options(run_config)
@@ -65,7 +72,7 @@ class Coordinator:
         self.grid, self.context = grid, context
         self.cfg, workdir = load_run_config(context.run_config)
         self.opts = self.cfg["deploy"]
-        self.cfg_json = json.dumps(self.cfg, sort_keys=True)
+        self.cfg_json = json.dumps(wd.to_plain(self.cfg), sort_keys=True)
         self.state = ServerState(self.cfg, workdir)
         global _log_path
         _log_path = self.state.path / LOG_FILE
@@ -115,27 +122,24 @@ class Coordinator:
         trainers = {n: i for n, i in self.nodes.items() if int(i["trains"])}
         if self.opts["secagg"]:
             from fedfms_jax.deploy.secagg import secagg_round
+            # SecAgg+ hands over the weighted mean only: the server step on it alone.
             mean, per_client = secagg_round(self, round_, trainers)
-            finite_ok = mean is not None
-        else:
-            replies = self._send(sorted(trainers), MessageType.TRAIN, round_, True, self.opts["round_timeout"])
-            per_client = {}
-            updates, counts = [], []
-            for r in replies:
-                site = str(r.content.config_records[proto.INFO]["site"])
-                m = dict(r.content.metric_records[proto.METRICS])
-                per_client[site] = m
-                updates.append((site, list(r.content.array_records[proto.UPDATE].to_numpy_ndarrays()),
-                                int(m["num_samples"])))
-            updates.sort(key=lambda t: self.train_order(t[0]))  # the simulation's client order
-            mean, finite_ok = None, False
-            if updates:
-                w = self.state.weights([u[2] for u in updates], self.total_samples())
-                mean, finite = self.state.mean_update([u[1] for u in updates], w)
-                finite_ok = bool(finite.any())
-                for (site, _, _), f in zip(updates, finite):
-                    per_client[site]["counted"] = int(bool(f))
-        self.state.apply(mean, ok=finite_ok)
+            self.state.step([] if mean is None else [mean], [1.0])
+            return per_client
+        replies = self._send(sorted(trainers), MessageType.TRAIN, round_, True, self.opts["round_timeout"])
+        per_client = {}
+        updates = []
+        for r in replies:
+            site = str(r.content.config_records[proto.INFO]["site"])
+            m = dict(r.content.metric_records[proto.METRICS])
+            per_client[site] = m
+            updates.append((site, list(r.content.array_records[proto.UPDATE].to_numpy_ndarrays()),
+                            int(m["num_samples"])))
+        updates.sort(key=lambda t: self.train_order(t[0]))  # the simulation's client order
+        w = self.state.weights([u[2] for u in updates], self.total_samples())
+        finite = self.state.step([u[1] for u in updates], w)
+        for (site, _, _), f in zip(updates, finite):
+            per_client[site]["counted"] = int(bool(f))
         return per_client
 
     def train_order(self, site: str) -> int:
@@ -199,7 +203,7 @@ class Coordinator:
         extra = {"secagg": bool(self.opts["secagg"]), "engine": "flower"}
         if dp.enabled:
             extra["dp"] = dp_lib.budget_record(dp, cfg["rounds"])
-        st.write_results(train_sites, unseen, extra)
+        log(results.summary_table(st.write_results(train_sites, unseen, extra)))
         st.close()
         log(f"results: {st.path}")
 

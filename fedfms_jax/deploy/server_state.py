@@ -1,14 +1,13 @@
 """The server's side of a deployed run, free of Flower: global state, aggregation,
 checkpoints, metrics.jsonl and results.json in the training CLI's formats.
 
-Aggregation is the simulation engine's: the weighted mean of client updates with
-`federated.aggregate` (sample-count weights, renormalised over the clients whose update
-arrived and is finite), then the engine's server optimizer (FedAvg adds the mean update;
-FedAvgM/FedAdam step on the pseudo-gradient -mean update), all in one jitted call.
+Aggregation is the simulation engine's server step (`federated.server_step`): the
+weighted mean of the client updates (sample-count weights, renormalised over the clients
+whose update arrived and is finite), then the engine's server optimizer, in one jitted call.
 """
 from __future__ import annotations
 
-import json
+import functools
 import time
 from pathlib import Path
 from typing import Sequence
@@ -17,10 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedfms_jax import model_init, run_state, workdir as wd
+from fedfms_jax import model_init, results, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
+from fedfms_jax.deploy.payload import leaves_to_tree
 from fedfms_jax.federated import aggregate
 from fedfms_jax.federated.comm import comm_bytes
+from fedfms_jax.federated.server_optim import ServerOptimizer
+from fedfms_jax.federated.server_step import server_step
 
 
 class ServerState:
@@ -45,8 +47,7 @@ class ServerState:
             wd.create(self.path, cfg)
         self.ckpt = Checkpointer(self.path / wd.CKPT_DIR, keep=cfg["checkpoint_keep"])
         self.mlog = wd.MetricsLog(self.path / wd.METRICS_FILE)
-        self._mean = jax.jit(_mean_update)
-        self._step = jax.jit(self.server.step)
+        self._step = jax.jit(functools.partial(aggregate_updates, self.server))
 
     # ------------------------------------------------------------------- checkpoints
     def restore_latest(self) -> int:
@@ -78,21 +79,19 @@ class ServerState:
         w = np.asarray(num_samples, np.float32)
         return w / np.float32(total_samples)
 
-    def mean_update(self, updates: Sequence[Sequence[np.ndarray]], weights: np.ndarray):
-        """Weighted mean of the clients' update leaves; clients with a non-finite update
-        get weight 0. Returns (mean update tree, finite flags [C])."""
-        from fedfms_jax.deploy.payload import leaves_to_tree
+    def step(self, updates: Sequence[Sequence[np.ndarray]], weights: Sequence[float]) -> np.ndarray:
+        """One server step on the clients' update leaves (none: the global model stays);
+        clients with a non-finite update get weight 0. The round counter advances.
+        Returns the finite flags [C]."""
+        self.round += 1
+        if not len(updates):
+            return np.zeros(0, bool)
         trees = [leaves_to_tree(self.partition, [np.asarray(x, np.float32) for x in u]) for u in updates]
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *trees)
-        mean, finite = self._mean(stacked, jnp.asarray(weights, jnp.float32))
-        return mean, np.asarray(finite)
-
-    def apply(self, mean_update, ok: bool = True) -> None:
-        """Server optimizer step with the mean update; round counter advances."""
-        if ok:
-            g, ss = self._step(self.global_params, self.server_opt_state, mean_update)
-            self.global_params, self.server_opt_state = jax.device_get(g), jax.device_get(ss)
-        self.round += 1
+        g, ss, finite = self._step(self.global_params, self.server_opt_state, stacked,
+                                   jnp.asarray(weights, jnp.float32))
+        self.global_params, self.server_opt_state = jax.device_get(g), jax.device_get(ss)
+        return np.asarray(finite)
 
     # ------------------------------------------------------------------- outputs
     def log_round(self, record: dict) -> None:
@@ -102,31 +101,26 @@ class ServerState:
         return {r["round"]: r for r in self.mlog.records()}
 
     def write_results(self, train_sites: list[str], unseen: str | None, extra: dict) -> dict:
-        from fedfms_jax.train import _block
         records = self.records()
         evals = [records[r]["eval"] for r in sorted(records) if "eval" in records[r]]
-        initial = records.get(0, {}).get("eval")
-        cfg = self.cfg
-        results = {
-            "config_name": cfg["name"], "federation": cfg["federation"], "method": cfg["method"],
-            "mode": cfg["mode"], "rounds": cfg["rounds"], "train_sites": train_sites,
-            "unseen_site": unseen, "initial": _block(initial), "final": _block(evals[-1] if evals else None),
-            "comm_bytes_per_round_per_client": self.bytes_each_way,
-            "comm_bytes_per_round_per_client_both_ways": 2 * self.bytes_each_way,
-            "trainable_params": self.model_info["trainable_params"],
-            "train_seconds": round(self.train_seconds, 3), "deploy": extra,
-        }
-        wd.write_atomic(self.path / wd.RESULTS_FILE, json.dumps(results, indent=1, sort_keys=True) + "\n")
-        return results
+        out = results.assemble(self.cfg, train_sites, unseen, initial=records.get(0, {}).get("eval"),
+                               final=evals[-1] if evals else None, bytes_each_way=self.bytes_each_way,
+                               trainable_params=self.model_info["trainable_params"],
+                               train_seconds=self.train_seconds, deploy=extra)
+        results.write(self.path, out)
+        return out
 
     def close(self) -> None:
         self.ckpt.close()
 
 
-def _mean_update(stacked, weights):
-    finite = aggregate.client_finite(stacked, jnp.zeros(weights.shape, jnp.float32))
-    wn, _ = aggregate.effective_weights(weights, jnp.ones(weights.shape, bool), finite)
-    return aggregate.weighted_mean(stacked, wn), finite
+def aggregate_updates(server: ServerOptimizer, global_params, server_opt_state, updates, weights):
+    """The engine's server step on updates that arrived over the network (each leaf
+    [C, ...]); a client whose update is not finite does not count.
+    Returns (global params, server optimizer state, finite flags [C])."""
+    finite = aggregate.client_finite(updates, jnp.zeros(weights.shape, jnp.float32))
+    g, ss, _ = server_step(server, global_params, server_opt_state, updates, weights, finite)
+    return g, ss, finite
 
 
 class Timer:

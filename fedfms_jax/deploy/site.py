@@ -18,6 +18,8 @@ import numpy as np
 
 from fedfms_jax import model_init, run_state
 from fedfms_jax.cli_errors import UsageError
+from fedfms_jax.deploy.payload import leaves_to_tree
+from fedfms_jax.evaluation import evaluate_source, make_eval_step
 
 
 class _Placeholder:
@@ -59,7 +61,6 @@ class SiteTrainer:
         self.engine = run_state.make_engine(cfg, model)
         self.partition = self.engine.partition
         self._update = jax.jit(self.engine.local_update)
-        from fedfms_jax.evaluate import make_eval_step
         self.eval_step = make_eval_step(self.engine.graphdef, self.partition, self.engine.forward)
 
     # ------------------------------------------------------------------------------ train
@@ -95,7 +96,6 @@ class SiteTrainer:
         """One round of local training from the global trainable leaves.
 
         Returns (update leaves = trained - global, new optimizer state, stats dict)."""
-        from fedfms_jax.deploy.payload import leaves_to_tree
         g = leaves_to_tree(self.partition, [np.asarray(x) for x in global_leaves])
         if opt_state is None or not self.engine.keep_client_opt_state:
             opt_state = self.init_opt_state(g)
@@ -111,8 +111,6 @@ class SiteTrainer:
     # --------------------------------------------------------------------------- evaluate
     def evaluate(self, global_leaves: list[np.ndarray]) -> dict:
         """Metric block of this site: its validation split, or all its data when unseen."""
-        from fedfms_jax.deploy.payload import leaves_to_tree
-        from fedfms_jax.evaluate import evaluate_source
         g = leaves_to_tree(self.partition, [np.asarray(x) for x in global_leaves])
         source = self.fed.all(self.site) if self.site == self.unseen_site else self.fed.val(self.site)
         block, _ = evaluate_source(self.eval_step, (g, self.engine.frozen, self.engine.rest), source,

@@ -53,10 +53,11 @@ def participation_mask(round_index: int, num_clients: int, *, fraction: float = 
     return mask
 
 
-def effective_weights(weights, participating, finite):
-    """Weights of the clients that count this round, renormalised to sum 1 (all zeros
-    when none counts). Returns (normalised weights [C], total raw weight scalar)."""
-    ok = participating & finite & (weights > 0)
+def effective_weights(weights, counts):
+    """Weights of the clients that count this round (`counts` [C] bool: took part and
+    finite; weight > 0), renormalised to sum 1 (all zeros when none counts).
+    Returns (normalised weights [C], total raw weight scalar)."""
+    ok = counts & (weights > 0)
     w = jnp.where(ok, weights.astype(jnp.float32), 0.0)
     total = jnp.sum(w)
     return w / jnp.where(total > 0, total, 1.0), total

@@ -53,8 +53,8 @@ def analyse(encoder="vit_b", preset="fedmsa", image_size=1024, clients=6, batch=
     batch_b = c * steps * batch * (image_size * image_size * 3 + (image_size // 4) ** 2 * cfg.num_classes + 1)
     other_b = _tree_bytes(engine.rest) + c * 5
     args = int(ma.argument_size_in_bytes)
-    # The round never reads state.client_params (each client starts from the global
-    # model), so jit drops that input: it is not among the arguments.
+    # A round never reads state.client_params (each client starts from the global
+    # model): when kept, jit drops that input and it is not among the arguments.
     expected_once = state_b - _tree_bytes(state.client_params) + frozen_b + batch_b + other_b
     return {
         "encoder": encoder, "preset": preset, "image_size": image_size, "clients": clients,
@@ -96,14 +96,14 @@ def markdown(r: dict, command: str) -> str:
         "",
         "| quantity | bytes | |",
         "|---|---:|---|",
-        f"| arguments (state + frozen + batch; the unread client_params input is pruned) | "
+        f"| arguments (state + frozen + batch) | "
         f"{r['argument_bytes']:,} | {_gib(r['argument_bytes'])} |",
         f"| outputs | {r['output_bytes']:,} | {_gib(r['output_bytes'])} |",
         f"| aliased (donated state reused for outputs) | {r['alias_bytes']:,} | {_gib(r['alias_bytes'])} |",
         f"| temporaries (activations, gradients) | {r['temp_bytes']:,} | {_gib(r['temp_bytes'])} |",
         f"| peak estimate (args + outputs - aliased + temps) | {r['peak_estimate_bytes']:,} | "
         f"{_gib(r['peak_estimate_bytes'])} |",
-        f"| federated state (global + {r['clients']} x (params + Adam m, v) + server) | {r['state_bytes']:,} | "
+        f"| federated state (global + {r['clients']} x Adam m, v + server) | {r['state_bytes']:,} | "
         f"{_gib(r['state_bytes'])} |",
         f"| frozen weights ({r['frozen_params']:,} params) | {r['frozen_bytes']:,} | {_gib(r['frozen_bytes'])} |",
         f"| expected arguments, frozen once | {r['expected_args_frozen_once']:,} | |",

@@ -58,7 +58,8 @@ def path_to_str(key_path) -> str:
     return "/".join(parts)
 
 
-def _nest(flat: Mapping[str, Any]) -> dict:
+def nest(flat: Mapping[str, Any]) -> dict:
+    """{'a/b/kernel': leaf} -> {'a': {'b': {'kernel': leaf}}}."""
     out: dict = {}
     for path, leaf in flat.items():
         node = out
@@ -69,7 +70,8 @@ def _nest(flat: Mapping[str, Any]) -> dict:
     return out
 
 
-def _get(tree: Mapping, path: str):
+def get_path(tree: Mapping, path: str):
+    """The leaf of a nested string-keyed dict at slash path `path`."""
     node = tree
     for p in path.split("/"):
         node = node[p]
@@ -127,7 +129,7 @@ class Partition:
 
     def mask(self) -> dict:
         """Nested dict path -> bool, the full parameter tree's trainable mask."""
-        return _nest(dict(zip(self.paths, self.trainable)))
+        return nest(dict(zip(self.paths, self.trainable)))
 
     # ----- split / merge -------------------------------------------------------------
     def split(self, params_state) -> tuple[dict, dict]:
@@ -138,18 +140,18 @@ class Partition:
         tr, fr = {}, {}
         for p, t, leaf in zip(self.paths, self.trainable, leaves):
             (tr if t else fr)[p] = leaf
-        return _nest(tr), _nest(fr)
+        return nest(tr), nest(fr)
 
     def merge(self, trainable: Mapping, frozen: Mapping):
         """(trainable, frozen) -> nnx.State of Params, ready for nnx.merge."""
         leaves = [
-            _get(trainable if t else frozen, p) for p, t in zip(self.paths, self.trainable)
+            get_path(trainable if t else frozen, p) for p, t in zip(self.paths, self.trainable)
         ]
         return jax.tree.unflatten(self.treedef, leaves)
 
     def flatten_trainable(self, trainable: Mapping) -> list:
         """Trainable leaves in `trainable_paths` order."""
-        return [_get(trainable, p) for p in self.trainable_paths]
+        return [get_path(trainable, p) for p in self.trainable_paths]
 
     def describe(self) -> str:
         lines = [f"trainable {self.count(True):,} / frozen {self.count(False):,} parameters"]

@@ -1,8 +1,8 @@
 """The federated engine: one jitted, donated call per round over a client-sharded mesh.
 
 State layout (DiLoCo-like): the global trainable tree and the server optimizer state once;
-per-client trainable parameters and optimizer state stacked on a leading clients axis
-sharded over the 'clients' mesh axis; the frozen parameters and non-parameter variables
+per-client optimizer state (and, when kept, parameters) stacked on a leading clients
+axis sharded over the 'clients' mesh axis; the frozen parameters and non-parameter variables
 (buffers) held once, replicated, and broadcast into the vmapped local update
 (in_axes=None), never copied per client and never given optimizer state.
 """
@@ -23,6 +23,7 @@ from fedfms_jax.federated.client import make_local_update
 from fedfms_jax.federated.mesh import CLIENTS
 from fedfms_jax.federated.partition import Partition, make_partition
 from fedfms_jax.federated.server_optim import ServerOptimizer, server_optimizer as make_server_opt
+from fedfms_jax.federated.server_step import server_step
 
 BATCH_KEYS = ("image", "mask", "valid")
 
@@ -38,7 +39,7 @@ def sam_forward(model, images_uint8):
 
 class FedState(NamedTuple):
     global_params: Any  # trainable subtree (nested dict), replicated
-    client_params: Any  # [C, ...] each client's locally trained params of the last round; () if not kept
+    client_params: Any  # [C, ...] each client's params after the last round; () if not kept
     client_opt_state: Any  # [C, ...] optax state of the trainable subtree; () if not kept
     server_opt_state: Any
     round: jax.Array  # int32 scalar, rounds completed
@@ -60,7 +61,11 @@ class FederatedEngine:
     keep_client_opt_state: carry each client's optimizer state across rounds (the
         original); False: a fresh optimizer state every round.
     keep_client_params: keep each client's locally trained params in the state (costs
-        clients x trainable bytes between rounds; never read by the next round).
+        clients x trainable bytes between rounds; a federated round never reads them).
+    aggregate_clients: False trains every client on its own, without aggregation (the
+        "local" baseline): each client goes on from its own params of the last round
+        (kept, so this implies keep_client_params); the global params and the server
+        optimizer state stay as initialised.
     client_chunk: train at most this many clients of a device at once (lax.map over
         chunks; activation memory scales with the chunk, not the device's client count).
     compute_dtype: the model's compute dtype. When reduced (bf16), the frozen matmul
@@ -81,7 +86,8 @@ class FederatedEngine:
         prox_mu: float = 0.0,
         mesh: jax.sharding.Mesh | None = None,
         keep_client_opt_state: bool = True,
-        keep_client_params: bool = True,
+        keep_client_params: bool = False,
+        aggregate_clients: bool = True,
         client_chunk: int | None = None,
         compute_dtype=jnp.float32,
     ):
@@ -96,7 +102,10 @@ class FederatedEngine:
         self.loss = losses.get_loss(loss, pos_weight=pos_weight) if isinstance(loss, str) else loss
         self.prox_mu = float(prox_mu)
         self.keep_client_opt_state = keep_client_opt_state
-        self.keep_client_params = keep_client_params
+        self.aggregate_clients = bool(aggregate_clients)
+        self.keep_client_params = keep_client_params or not self.aggregate_clients
+        if not self.aggregate_clients and self.prox_mu:
+            raise ValueError("prox_mu pulls clients towards the global model: it needs aggregate_clients")
         if client_chunk is not None and client_chunk < 1:
             raise ValueError(f"client_chunk must be >= 1, got {client_chunk}")
         self.client_chunk = client_chunk
@@ -166,7 +175,7 @@ class FederatedEngine:
     # ----- one round ----------------------------------------------------------------------
     def _round_fn(self, state: FedState, frozen, rest, batches, weights, participating):
         g = state.global_params
-        start = self._broadcast(g)
+        start = self._broadcast(g) if self.aggregate_clients else state.client_params
         if self.keep_client_opt_state:
             os0 = state.client_opt_state
         else:
@@ -177,14 +186,13 @@ class FederatedEngine:
         finite = aggregate.client_finite(new_tr, stats["loss"])
         active = participating & (weights > 0)
         ok = active & finite
-        wn, total = aggregate.effective_weights(weights, participating, finite)
-        # Average the client updates (x_c - g), not the parameters: a leaf no client
-        # changed stays bit-identical (sum_c w_c != 1 exactly in float32).
-        mean_update = aggregate.weighted_mean(jax.tree.map(jnp.subtract, new_tr, start), wn)
-        any_ok = total > 0
-        cand, ss = self.server.step(g, state.server_opt_state, mean_update)
-        new_g = jax.tree.map(lambda a, b: jnp.where(any_ok, a, b), cand, g)
-        new_ss = jax.tree.map(lambda a, b: jnp.where(any_ok, a, b), ss, state.server_opt_state)
+        if self.aggregate_clients:
+            updates = jax.tree.map(jnp.subtract, new_tr, start)
+            new_g, new_ss, wn = server_step(self.server, g, state.server_opt_state, updates, weights,
+                                            participating & finite)
+        else:
+            new_g, new_ss = g, state.server_opt_state
+            wn, _ = aggregate.effective_weights(weights, participating & finite)
         # A client that did not count this round keeps its pre-round optimizer state.
         client_os = _per_client_select(ok, new_os, os0) if self.keep_client_opt_state else ()
         client_params = _per_client_select(ok, new_tr, start) if self.keep_client_params else ()

@@ -28,9 +28,8 @@ def test_server_state_resumes_after_restart(tmp_path):
     rng = np.random.default_rng(0)
     for r in (1, 2):
         ups = [[rng.normal(size=x.shape).astype(np.float32) * 1e-3 for x in s.leaves()] for _ in range(3)]
-        mean, finite = s.mean_update(ups, s.weights([4, 8, 12], 24))
+        finite = s.step(ups, s.weights([4, 8, 12], 24))
         assert finite.all()
-        s.apply(mean)
         s.log_round({"round": r})
         s.save()
     s.log_round({"round": 3})  # logged, then the server died before its checkpoint

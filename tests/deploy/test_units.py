@@ -106,12 +106,34 @@ def test_certificates_chain_and_node_keys(tmp_path):
 
 # ------------------------------------------------------------------- aggregation
 def test_server_mean_matches_weighted_mean_and_drops_non_finite():
-    from fedfms_jax.deploy.server_state import _mean_update
+    from fedfms_jax.deploy.server_state import aggregate_updates
+    from fedfms_jax.federated.server_optim import server_optimizer
     rng = np.random.default_rng(2)
     ups = rng.normal(size=(3, 4, 5)).astype(np.float32)
     ups[2, 0, 0] = np.nan
     w = np.array([0.2, 0.5, 0.3], np.float32)
-    mean, finite = _mean_update({"x": jnp.asarray(ups)}, jnp.asarray(w))
+    # FedAvg from an all-zero global model: the new global model is the mean update.
+    fedavg = server_optimizer("fedavg")
+    zero = {"x": jnp.zeros((4, 5), jnp.float32)}
+    mean, _, finite = aggregate_updates(fedavg, zero, fedavg.tx.init(zero), {"x": jnp.asarray(ups)},
+                                        jnp.asarray(w))
     assert list(np.asarray(finite)) == [True, True, False]
     ref = (0.2 * ups[0].astype(np.float64) + 0.5 * ups[1]) / 0.7
     np.testing.assert_allclose(np.asarray(mean["x"]), ref, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------- run config
+def test_run_config_is_the_training_clis(tmp_path, monkeypatch):
+    from fedfms_jax import train
+    from fedfms_jax.deploy.server_app import training_config
+    from tests.deploy.harness import REPO
+    argv = ["--config", str(REPO / "configs" / "synthetic.py") + ":tiny=true",
+            "--config.synthetic_sites=3", "--config.no_unseen=true", "--config.eval_every=2"]
+    monkeypatch.chdir(tmp_path)  # a relative path not found here names the repository's configs/
+    got = training_config("configs/synthetic.py:tiny=true", "synthetic_sites=3 no_unseen=true eval_every=2")
+    assert got == train.parse_config(argv)[0]
+    # tiny given as an override shrinks the config as the training CLI's does
+    assert training_config("configs/synthetic.py", "tiny=true") == train.parse_config(
+        ["--config", str(REPO / "configs" / "synthetic.py"), "--config.tiny=true"])[0]
+    with pytest.raises(ValueError, match="field=value"):
+        training_config("configs/synthetic.py", "tiny")

@@ -134,3 +134,29 @@ def test_tiny_sam_round_equals_sequential_loop(preset, sizes, num_devices, four_
         assert "image_encoder/blocks/0/attn/qkv/kernel" in engine.partition.frozen_paths
     assert _rel_err(got, ref) <= 1e-5
     assert _max_leaf_rel_err(got, ref) <= 1e-5
+
+
+@pytest.mark.slow
+def test_training_without_aggregation_equals_each_client_alone(four_devices):
+    """aggregate_clients=False (the "local" mode): every client goes on from its own
+    params of the last round, as if trained alone; the global model stays as it was."""
+    model, sizes, rounds = _model(), (5, 2, 3), 2
+    engine = FederatedEngine(model, "fedmsa", forward=tiny.tiny_forward, client_optimizer=tiny.make_tx(("adam", LR)),
+                             mesh=mesh_lib.client_mesh(jax.devices()[:4]), aggregate_clients=False)
+    data = tiny.make_client_data(sizes, hw=16, seed=1)
+    state, per_round = engine.init(len(sizes)), []
+    for r in range(rounds):
+        cb = [tiny.client_batches((i[::-1], m[::-1]) if r % 2 else (i, m), B) for i, m in data]
+        per_round.append(cb)
+        state, metrics = engine.run_round(state, tiny.pack(cb, B), aggregate.client_weights(sizes))
+        assert np.all(mesh_lib.to_host(metrics["finite"]))
+    p = engine.partition
+    init = {k: np.asarray(v) for k, v in zip(p.trainable_paths, p.flatten_trainable(engine.initial_trainable))}
+    glob = _flat_global(engine, state)
+    assert all(np.array_equal(glob[k], init[k]) for k in init)
+    for c in range(len(sizes)):
+        got = {k: mesh_lib.to_host(v)[c] for k, v in zip(p.trainable_paths, p.flatten_trainable(state.client_params))}
+        alone = tiny.sequential_fedavg(model, p.trainable_paths, [[cb[c]] for cb in per_round], [1.0], rounds,
+                                       opt=("adam", LR))
+        assert _max_leaf_rel_err(init, alone) > 1e-3
+        assert _max_leaf_rel_err(got, alone) <= 1e-5

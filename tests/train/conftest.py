@@ -26,12 +26,23 @@ def snapshot(path: Path) -> dict:
     return out
 
 
-def run_module(module: str, args, env_extra=None, timeout=1800):
+def _module_env(env_extra=None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+    return env
+
+
+def run_module(module: str, args, env_extra=None, timeout=1800):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_module_env(env_extra),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_module(module: str, args, log: Path) -> subprocess.Popen:
+    """`python -m module args` in the background, stdout and stderr into `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=_module_env(),
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="session")

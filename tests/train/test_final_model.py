@@ -57,7 +57,9 @@ def test_predict_and_export_without_dataset_then_convert_back(tiny_run, tmp_path
                                  "--writer", "native"]) == 0, capsys.readouterr().err
     back = tmp_path / "converted"
     doc = json.loads((tiny_run / "final" / "model.json").read_text())
-    flags = ["--prompt-free"] if doc["prompt_free"] else []
+    # The model's numerics, stated: detection would pick the family's own.
+    flags = ["--prompt-free" if doc["prompt_free"] else "--no-prompt-free",
+             "--pad-before-norm1" if doc["config"]["pad_before_norm1"] else "--no-pad-before-norm1"]
     assert weights_convert_main(["convert", "--checkpoint", str(pth), "--out", str(back),
                                  "--pixel-norm", doc["pixel_norm"], *flags]) == 0, capsys.readouterr().err
     converted = _predict_logits(back, tmp_path, "converted")
@@ -128,7 +130,8 @@ def test_weights_without_adapters_build_once_for_real(tmp_path, monkeypatch):
     from fedfms_jax.train import parse_config
     from weights_convert.store import model_variables, path_name, read_params, save_weights
     cfg, _ = parse_config(TINY)
-    plain = dict(cfg, model=dict(cfg["model"], adapters=False))
+    plain, _ = parse_config(TINY)
+    plain["model"]["adapters"] = False
     scfg = model_init.sam_config(plain)
     weights = save_weights(tmp_path / "no_adapters", build_sam(scfg, rngs=nnx.Rngs(5)), scfg)
     cfg["init_from"] = str(weights)

@@ -1,5 +1,4 @@
 """Bad input: one line on stderr, exit code 2, an existing work dir left byte-identical."""
-import json
 
 import pytest
 
@@ -20,7 +19,7 @@ def _variant_weights(tmp_path):
     from fedfms_jax.models.sam import build_sam
     from fedfms_jax.run_state import model_init
     from weights_convert.store import save_weights
-    cfg = json.loads(json.dumps(_tiny_cfg()))
+    cfg = _tiny_cfg()  # a fresh ConfigDict of its own
     cfg["num_classes"] = 2
     scfg = model_init.sam_config(cfg)
     model = build_sam(scfg, rngs=nnx.Rngs(0))

@@ -1,5 +1,6 @@
 """A run killed (SIGKILL) after round k and resumed ends exactly like an uninterrupted run."""
 import json
+import time
 
 import jax
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from fedfms_jax import checkpoint, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
-from tests.train.conftest import TINY, TINY_RUN_GROUP, run_module
+from tests.train.conftest import TINY, TINY_RUN_GROUP, run_module, start_module
 
 pytestmark = pytest.mark.slow
 
@@ -18,14 +19,28 @@ def _final_state(workdir):
     return jax.tree.map(np.asarray, checkpoint.to_tree(run.state))
 
 
+def _kill_once_checkpointed(proc, step_dir, log, timeout=1800):
+    """SIGKILL `proc` as soon as `step_dir` exists: orbax writes a checkpoint into a
+    temporary directory and renames it to the round number once it is complete."""
+    deadline = time.time() + timeout
+    while not step_dir.is_dir():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"no checkpoint {step_dir.name} to kill after:\n{log.read_text()[-2000:]}")
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+
+
 @TINY_RUN_GROUP
 def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_run):
     """The uninterrupted run is the session's tiny run (the same command, 2 rounds)."""
-    from fedfms_jax import train
     killed = tmp_path / "killed"
-    proc = run_module("fedfms_jax.train", [*TINY, "--workdir", str(killed)],
-                      env_extra={train.KILL_AFTER_ENV: "1"})
-    assert proc.returncode == -9, proc.stderr[-2000:]
+    log = tmp_path / "killed.log"
+    proc = start_module("fedfms_jax.train", [*TINY, "--workdir", str(killed)], log)
+    _kill_once_checkpointed(proc, killed / wd.CKPT_DIR / "1", log)
+    assert proc.returncode == -9, log.read_text()[-2000:]
     assert Checkpointer(killed / wd.CKPT_DIR).latest_round() == 1
     assert not (killed / wd.RESULTS_FILE).exists()
 

@@ -9,22 +9,14 @@ import numpy as np
 
 from fedfms_jax.data.errors import DataError
 from fedfms_jax.data.indexing import normalize_index
-
-# federation name -> (module, class)
-BUILDERS = {
-    "prostate": ("prostate", "FedfmsProstate"),
-    "fundus": ("fundus", "FedfmsFundus"),
-    "nuclei": ("nuclei", "FedfmsNuclei"),
-    "fets": ("fets", "FedfmsFets"),
-    "ctlung": ("ctlung", "FedfmsCtlung"),
-    "isic": ("isic", "FedfmsIsic"),
-    "chaos": ("chaos", "FedfmsChaos"),
-    "nuclei_demo": ("nuclei_demo", "FedfmsNucleiDemo"),
-}
+from fedfms_jax.data.preprocess import sanitize
+from fedfms_jax.data.registry import federation_info
+from fedfms_jax.data.sources import Federation
 
 
 def builder_class(name: str):
-    module, cls = BUILDERS[name]
+    """The TFDS builder class of federation `name` (see registry.FEDERATIONS)."""
+    module, cls = federation_info(name).builder.split(":")
     return getattr(importlib.import_module(f"fedfms_jax.data.builders.{module}"), cls)
 
 
@@ -79,11 +71,8 @@ def make_builder(name: str, *, image_size: int, data_dir=None, **kw):
 
 
 def load_federation(name: str, *, image_size: int, data_dir=None, manual_dir=None, **kw):
-    """Prepare (first call) and open federation `name`; returns a federations.Federation."""
-    import tensorflow_datasets as tfds
-
-    from fedfms_jax.data.federations import Federation
-    from fedfms_jax.data.preprocess import sanitize
+    """Prepare (first call) and open federation `name`; returns a sources.Federation."""
+    import tensorflow_datasets as tfds  # heavy: only when a TFDS federation is opened
 
     builder = make_builder(name, image_size=image_size, data_dir=data_dir, **kw)
     if not builder.is_prepared():

@@ -9,6 +9,7 @@ import numpy as np
 from fedfms_jax.data import preprocess
 from fedfms_jax.data.builders.base import Case, FederationBuilder
 from fedfms_jax.data.errors import DataError
+from fedfms_jax.data.registry import FEDERATIONS
 
 # MR ground-truth grey levels of the release: liver 63, right kidney 126, left kidney 189, spleen 252.
 MR_SEQUENCES = ("T2SPIR", "T1DUAL/InPhase", "T1DUAL/OutPhase")
@@ -48,8 +49,8 @@ def slice_files(folder: Path, phase: str = "") -> list[Path]:
 class FedfmsChaos(FederationBuilder):
     """CHAOS CT (liver) and MR (T2-SPIR by default); one class, the liver by default."""
 
-    SITES = ("CT", "MR")
-    NUM_CLASSES = 1
+    SITES = FEDERATIONS["chaos"].sites
+    NUM_CLASSES = FEDERATIONS["chaos"].num_classes
     OPTIONS = {"organ": "liver", "mr_sequence": "T2SPIR"}  # or T1DUAL/InPhase, T1DUAL/OutPhase
     LAYOUT = ("<manual_dir>/[CHAOS_Train_Sets/Train_Sets/]{CT,MR}/<patient>/ with CT/<patient>/{DICOM_anon/*.dcm "
               "or images/*.png|tif} + Ground/*.png and MR/<patient>/T2SPIR/{DICOM_anon or images} + Ground/*.png "

@@ -7,6 +7,7 @@ import numpy as np
 
 from fedfms_jax.data import preprocess
 from fedfms_jax.data.builders.base import Case, FederationBuilder
+from fedfms_jax.data.registry import FEDERATIONS
 
 
 def lung_mask(label: np.ndarray) -> np.ndarray:
@@ -20,8 +21,8 @@ def lung_mask(label: np.ndarray) -> np.ndarray:
 class FedfmsCtlung(FederationBuilder):
     """Chest CT slices; one binary class (lung)."""
 
-    SITES = ("1", "2", "3", "4", "5")
-    NUM_CLASSES = 1
+    SITES = FEDERATIONS["ctlung"].sites
+    NUM_CLASSES = FEDERATIONS["ctlung"].num_classes
     LAYOUT = ("<manual_dir>/{1,2,3,4,5}/images/<name>.png|tif + <site>/masks/<name>.png (RGB masks: lung in "
               "channel 3; or grey 0/255); patient subfolders images/<patient>/<name>.png keep patients together, "
               "else names <patient>_<slice>.png are grouped by <patient>")

@@ -9,6 +9,7 @@ import numpy as np
 from fedfms_jax.data import preprocess
 from fedfms_jax.data.builders.base import Case, FederationBuilder
 from fedfms_jax.data.errors import DataError
+from fedfms_jax.data.registry import FEDERATIONS
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 
@@ -38,8 +39,8 @@ def _find(folder: Path, subject: str, kind: str) -> Path:
 class FedfmsFets(FederationBuilder):
     """Multi-institutional glioma MRI; one class, the tumour core (labels 1 and 4), as the original."""
 
-    SITES = ("1", "6", "18", "21")
-    NUM_CLASSES = 1
+    SITES = FEDERATIONS["fets"].sites
+    NUM_CLASSES = FEDERATIONS["fets"].num_classes
     OPTIONS = {"modality": "t1ce"}
     LAYOUT = ("<manual_dir>/[MICCAI_FeTS2022_TrainingData/]partitioning_1.csv (Partition_ID,Subject_ID) + "
               "FeTS2022_XXXXX/FeTS2022_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz per patient")

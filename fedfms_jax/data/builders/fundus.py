@@ -8,6 +8,7 @@ import numpy as np
 from fedfms_jax.data import preprocess
 from fedfms_jax.data.builders.base import Case, FederationBuilder
 from fedfms_jax.data.errors import DataError
+from fedfms_jax.data.registry import FEDERATIONS
 
 _SOFT_OD, _SOFT_CUP = "_ODsegSoftmap", "_cupsegSoftmap"
 
@@ -35,8 +36,8 @@ def disc_cup(label: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
 class FedfmsFundus(FederationBuilder):
     """Retinal fundus photographs; mask channels (optic disc, optic cup)."""
 
-    SITES = ("REFUGE", "ORIGA", "G1020", "Drishti-GS1")
-    NUM_CLASSES = 2
+    SITES = FEDERATIONS["fundus"].sites
+    NUM_CLASSES = FEDERATIONS["fundus"].num_classes
     OPTIONS = {"disc_excludes_cup": False}  # True: the original's disc channel is the rim only
     LAYOUT = ("<manual_dir>/{REFUGE,ORIGA,G1020,Drishti-GS1}/images/<name>.jpg|png|bmp|tif (subfolders allowed) "
               "+ <site>/labels/<name>.png|bmp (0 bg, 1 disc, 2 cup; or REFUGE grey 255 bg, 128 disc, 0 cup; "

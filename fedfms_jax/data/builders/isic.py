@@ -11,6 +11,7 @@ import numpy as np
 from fedfms_jax.data import preprocess
 from fedfms_jax.data.builders.base import Case, FederationBuilder
 from fedfms_jax.data.errors import DataError
+from fedfms_jax.data.registry import FEDERATIONS
 
 ID_COLUMNS = ("isic_id", "image_id", "image", "name", "image_name")
 SOURCE_COLUMNS = ("collection", "source", "attribution", "dataset", "site")
@@ -36,7 +37,7 @@ def read_sources(path: Path) -> dict[str, str]:
 class FedfmsIsic(FederationBuilder):
     """Dermoscopy lesion segmentation; one class; three clients by image source collection."""
 
-    NUM_CLASSES = 1
+    NUM_CLASSES = FEDERATIONS["isic"].num_classes
     NUM_CLIENTS = 3
     OPTIONS = {"collections": ""}  # "A,B,C" fixes the clients; empty: the 3 largest collections
     LAYOUT = ("<manual_dir>/ISIC2018_Task1-2_Training_Input/ISIC_XXXXXXX.jpg + "

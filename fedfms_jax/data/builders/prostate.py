@@ -6,6 +6,7 @@ from pathlib import Path
 from fedfms_jax.data import preprocess
 from fedfms_jax.data.builders.base import Case, FederationBuilder
 from fedfms_jax.data.errors import DataError
+from fedfms_jax.data.registry import FEDERATIONS
 
 
 def _volume_cases(image_paths: list[Path], label_of) -> list[Case]:
@@ -33,8 +34,8 @@ def _volume_cases(image_paths: list[Path], label_of) -> list[Case]:
 class FedfmsProstate(FederationBuilder):
     """Prostate T2 MRI from six institutions; one binary class (whole prostate)."""
 
-    SITES = ("BIDMC", "HK", "I2CVB", "ISBI", "ISBI_1.5", "UCL")
-    NUM_CLASSES = 1
+    SITES = FEDERATIONS["prostate"].sites
+    NUM_CLASSES = FEDERATIONS["prostate"].num_classes
     LAYOUT = ("<manual_dir>/{BIDMC,HK,I2CVB,ISBI,ISBI_1.5,UCL}/Case00.nii.gz + Case00_segmentation.nii.gz "
               "(SAML release) or <site>/images/Case00.nii.gz + <site>/labels/Case00.nii.gz")
     SOURCE = "the SAML multi-site prostate dataset, https://liuquande.github.io/SAML/"
