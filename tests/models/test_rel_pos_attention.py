@@ -21,11 +21,13 @@ def _rel_err(a, b):
 
 
 def test_cpu_layout_is_blockwise_above_32mb_of_scores():
-    # ViT-B global attention at 1024 (64x64 grid, 12 heads) goes blockwise; a 14x14
-    # window batch and the 16x16 grid at 256 stay in the full layout.
+    # Every ViT-B block at 1024 goes blockwise (global: a 64x64 grid; windowed: 25
+    # windows of 14x14 per image, 12 heads); at 256 (four windows, a 16x16 grid) both
+    # stay in the full layout.
     assert rpa.cpu_layout((1, 12, 64 * 64, 64), 64 * 64) == "blockwise"
-    assert rpa.cpu_layout((25, 12, 14 * 14, 64), 14 * 14) == "full"
-    assert rpa.cpu_layout((4, 12, 16 * 16, 64), 16 * 16) == "full"
+    assert rpa.cpu_layout((25, 12, 14 * 14, 64), 14 * 14) == "blockwise"
+    assert rpa.cpu_layout((4, 12, 14 * 14, 64), 14 * 14) == "full"
+    assert rpa.cpu_layout((1, 12, 16 * 16, 64), 16 * 16) == "full"
 
 
 def test_row_blocks_respect_the_score_budget():
