@@ -456,7 +456,8 @@ class ImageEncoderViT(nnx.Module):
         run_block = lambda blk, x: blk(x, depth_chunk)  # noqa: E731
         if self.remat:
             run_block = nnx.remat(run_block)
-        barrier = cotangent_barrier if self.kernels.barrier_between_blocks(len(self.blocks)) else (lambda x: x)
+        deep_barrier = self.kernels.barrier_between_blocks(len(self.blocks))
+        barrier = cotangent_barrier if deep_barrier else (lambda x: x)
         for blk in self.blocks:
             x = barrier(run_block(blk, x))
         for layer in self.neck:
