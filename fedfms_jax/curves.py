@@ -63,13 +63,17 @@ def write_dice_plot(records: Iterable[dict], path: Path, title: str = "") -> Pat
 
 
 class TensorBoardLog:
-    """Scalars of each round record: client losses, seconds, bytes sent, Dice/IoU per site."""
+    """Scalars of each round record: client losses, seconds, bytes sent, Dice/IoU per site.
+    The event file is opened with the first record, so a run with nothing left to do
+    leaves its work dir untouched."""
 
     def __init__(self, logdir: Path):
-        from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(str(logdir))
+        self.logdir, self.writer = logdir, None
 
     def add(self, record: dict) -> None:
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(self.logdir))
         step = record["round"]
         scalar = self.writer.add_scalar
         for client, loss in record.get("client_loss", {}).items():
@@ -91,4 +95,5 @@ class TensorBoardLog:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()

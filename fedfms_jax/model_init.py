@@ -31,7 +31,7 @@ def sam_config(cfg: dict):
     kw = dict(encoder=m["encoder"], image_size=cfg["image_size"], adapters=m["adapters"],
               adapter_zero_init=m["adapter_zero_init"], prompt_free=m["prompt_free"],
               num_classes=cfg["num_classes"], pixel_norm=m["pixel_norm"], dtype=m["dtype"],
-              remat=m["remat"])
+              remat=m["remat"], kernels=m["kernels"])
     if m["tiny_vit"]:
         kw["tiny_vit"] = m["tiny_vit"]
     try:

@@ -48,7 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mode = "federated"       # federated | centralized (pooled sites) | local (no aggregation)
     c.model = ml_collections.ConfigDict(dict(
         encoder="vit_b", tiny_vit="", adapters=True, adapter_zero_init=False,
-        prompt_free=True, pixel_norm="unit", dtype="float32", remat=False))
+        prompt_free=True, pixel_norm="unit", dtype="float32", remat=False,
+        kernels="auto"))            # compute paths: auto | cpu | gpu | reference (models/kernels.py)
     c.partition = ""           # trainable-parameter preset ("" = same as method)
     c.init_from = "random"     # random | lite_medsam | a weights_convert directory
     c.cache_embeddings = False # frozen encoder only: embed each image once, train the decoder on it

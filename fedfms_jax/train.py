@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedfms_jax import config_cli, results, run_config, run_state, workdir as wd
+from fedfms_jax import config_cli, curves, results, run_config, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.cli_errors import DivergedError, run_cli
 from fedfms_jax.evaluation import evaluate_federation, format_table
@@ -83,6 +83,7 @@ def main(argv: Sequence[str]) -> int:
         wd.create(path, cfg)
     ckpt = Checkpointer(path / wd.CKPT_DIR, keep=cfg["checkpoint_keep"])
     mlog = wd.MetricsLog(path / wd.METRICS_FILE)
+    board = curves.TensorBoardLog(path / curves.TENSORBOARD_DIR)
     rng = jax.random.key_data(jax.random.PRNGKey(cfg["seed"]))
     start, train_seconds, initial = 1, 0.0, None
     latest = ckpt.latest_round()
@@ -112,6 +113,7 @@ def main(argv: Sequence[str]) -> int:
         log("[eval] initial model ...")
         initial = evaluate(0, "initial")
         mlog.append({"round": 0, "eval": initial, "seconds": 0.0})
+        board.add({"round": 0, "eval": initial})
         log(format_table(initial, "initial model (round 0)"))
     log(f"[setup] ready in {time.time() - t_setup:.1f}s; {loader.steps_per_round * cfg['local_epochs']} "
         f"local steps per round, {bytes_each_way / 1e6:.2f} MB per client each way")
@@ -119,6 +121,8 @@ def main(argv: Sequence[str]) -> int:
     # ------------------------------------------------------------------------------- loop
     last_eval = records.get(max(records), {}).get("eval") if records else initial
     round_times: list[float] = []
+    if start <= cfg["rounds"]:
+        log("[compile] compiling the round program (first run only: later runs load it from the cache) ...")
     for r in range(start, cfg["rounds"] + 1):
         t0 = time.time()
         batches = run_state.round_batches(loader, cfg, r)
@@ -145,6 +149,9 @@ def main(argv: Sequence[str]) -> int:
         if eval_res is not None:
             record["eval"] = eval_res
         mlog.append(record)  # before the checkpoint: a kill in between redoes this round
+        board.add(record)
+        if eval_res is not None:
+            curves.write_dice_plot(mlog.records(), path / curves.DICE_PLOT, title=cfg["name"] or "")
         ckpt.save_run(r, run.state, rng, {"round": r, "loader": loader.state(), "train_seconds": train_seconds})
         eta = np.mean(round_times[-5:]) * (cfg["rounds"] - r)
         loss_txt = " ".join(f"{c}={l:.4f}" for c, l in zip(run.clients, losses))
@@ -154,6 +161,7 @@ def main(argv: Sequence[str]) -> int:
         log(msg)
     ckpt.close()
     loader.close()
+    board.close()
 
     # ------------------------------------------------------------------------ final model
     final_dir = write_final(path, cfg, engine, run.global_trainable(), round_=cfg["rounds"])

@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedfms_jax.models.mixed_matmul import linear_options
-
 from fedfms_jax.models.common import gelu
+from fedfms_jax.models.kernels import KernelPlan, resolve_kernels
 
 
 class Adapter(nnx.Module):
@@ -31,11 +30,12 @@ class Adapter(nnx.Module):
         zero_init: bool = False,
         *,
         dtype=jnp.float32,
+        kernels: KernelPlan | str = "auto",
         rngs: nnx.Rngs,
     ):
         hidden = int(dim * mlp_ratio)
         self.skip_connect = skip_connect
-        kw = dict(param_dtype=jnp.float32, rngs=rngs, **linear_options(dtype))
+        kw = dict(param_dtype=jnp.float32, rngs=rngs, **resolve_kernels(kernels).linear_options(dtype))
         self.D_fc1 = nnx.Linear(dim, hidden, **kw)
         if zero_init:
             kw.update(kernel_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedfms_jax.models.mixed_matmul import mixed_einsum
+from fedfms_jax.models.kernels import KernelPlan, resolve_kernels
 
 
 class Buffer(nnx.Variable):
@@ -50,16 +50,18 @@ class UpConv2x2(nnx.Module):
     [2, 2, out, in], bias [out].
     """
 
-    def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32,
+                 kernels: KernelPlan | str = "auto", rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal(in_axis=-1, out_axis=-2)
         self.kernel = nnx.Param(init(rngs.params(), (2, 2, out_features, in_features), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
         self.dtype = dtype
+        self.kernels = resolve_kernels(kernels)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, H, W, _ = x.shape
         k = self.kernel[...]
-        y = mixed_einsum("nhwc,pqoc->nhpwqo", x, k, self.dtype)
+        y = self.kernels.einsum("nhwc,pqoc->nhpwqo", x, k, self.dtype)
         return y.reshape(B, 2 * H, 2 * W, k.shape[2]) + self.bias[...]
 
 
@@ -75,7 +77,8 @@ class MatmulConv2d(nnx.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
-                 use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+                 use_bias: bool = True, dtype=jnp.float32, kernels: KernelPlan | str = "auto",
+                 rngs: nnx.Rngs):
         if stride not in (1, kernel_size) or (stride == 1 and kernel_size % 2 == 0):
             raise ValueError("MatmulConv2d supports stride == kernel_size, or stride 1 with an odd kernel")
         k = kernel_size
@@ -84,6 +87,7 @@ class MatmulConv2d(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
         self.stride = stride
         self.dtype = dtype
+        self.kernels = resolve_kernels(kernels)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel[...]
@@ -91,14 +95,14 @@ class MatmulConv2d(nnx.Module):
         B, H, W, _ = x.shape
         if self.stride == kh and kh > 1:  # non-overlapping patches
             x = x.reshape(B, H // kh, kh, W // kw, kw, cin)
-            y = mixed_einsum("nhpwqc,pqco->nhwo", x, k, self.dtype)
+            y = self.kernels.einsum("nhpwqc,pqco->nhwo", x, k, self.dtype)
         elif kh == 1:
-            y = mixed_einsum("nhwc,co->nhwo", x, k[0, 0], self.dtype)
+            y = self.kernels.einsum("nhwc,co->nhwo", x, k[0, 0], self.dtype)
         else:  # stride 1, "same" padding: gather the kh*kw shifted views (im2col)
             ph, pw = kh // 2, kw // 2
             xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
             cols = jnp.stack([xp[:, i:i + H, j:j + W] for i in range(kh) for j in range(kw)], axis=3)
-            y = mixed_einsum("nhwkc,kco->nhwo", cols, k.reshape(kh * kw, cin, -1), self.dtype)
+            y = self.kernels.einsum("nhwkc,kco->nhwo", cols, k.reshape(kh * kw, cin, -1), self.dtype)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.astype(self.dtype)

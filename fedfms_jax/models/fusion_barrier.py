@@ -6,9 +6,10 @@ and re-fuses it, from the last block down, into every consumer that needs a tran
 copy (each trainable weight's gradient), so the chain is recomputed once per block:
 quadratic in depth. For FedMSA ViT-B at 256 this was a third of the step (about 1 s of
 transposing copies per local step on 2 cores). Passing the cotangent through an opaque
-host call at each block boundary materialises it once. On other backends the cotangent
-passes through untouched (GPU fusion does not show the problem, and a host call would
-cost a device round trip).
+host call at each block boundary materialises it once.
+
+Only the "cpu" kernel plan (models/kernels) places it: GPU fusion does not show the
+problem, and there a host call would cost a device round trip.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _identity(a):
 
 @jax.custom_vjp
 def cotangent_barrier(x: jax.Array) -> jax.Array:
-    """Identity in the forward pass; its cotangent is materialised once on CPU."""
+    """Identity in the forward pass; its cotangent is materialised once, by the host."""
     return x
 
 
@@ -33,8 +34,6 @@ def _fwd(x):
 
 
 def _bwd(_, g):
-    if jax.default_backend() != "cpu":
-        return (g,)
     shape = jax.ShapeDtypeStruct(g.shape, g.dtype)
     return (jax.pure_callback(_identity, shape, g, vmap_method="expand_dims"),)
 

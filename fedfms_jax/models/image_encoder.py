@@ -3,7 +3,9 @@
 Attribute names mirror `segment_anything.modeling.image_encoder` (plus the MSA keys
 `blocks.{i}.{Space,MLP,Depth}_Adapter`), so PyTorch checkpoints convert with the shared
 rules in `weights_convert.rules`. Layout is NHWC; parameters are float32 and `dtype`
-selects the compute dtype (softmax and LayerNorm statistics stay float32).
+selects the compute dtype (softmax and LayerNorm statistics stay float32). `kernels`
+(models/kernels) picks how attention and products are computed on each backend; the
+function is the same.
 
 Positional helpers (`resize_pos_embed`, `resize_rel_pos`, `get_rel_pos`) reproduce
 PyTorch's `F.interpolate` (bicubic / linear, align_corners=False) and the official
@@ -22,8 +24,7 @@ from flax import nnx
 from fedfms_jax.models.adapters import Adapter
 from fedfms_jax.models.common import LayerNorm2d, MatmulConv2d, gelu
 from fedfms_jax.models.fusion_barrier import cotangent_barrier
-from fedfms_jax.models.mixed_matmul import linear_options
-from fedfms_jax.models.rel_pos_attention import rel_pos_attention
+from fedfms_jax.models.kernels import KernelPlan, resolve_kernels
 
 __all__ = [
     "ViTConfig",
@@ -55,11 +56,6 @@ VIT_CONFIGS = {
     # Test variant: at img_size 160 the 10x10 grid pads to 12x12 windows of 4.
     "vit_tiny": ViTConfig(64, 4, 2, (1, 3), window_size=4, out_chans=32),
 }
-
-# The cotangent barrier (see fusion_barrier) pays off only in deep encoders: XLA:CPU's
-# re-fused chain grows with depth squared. Shallow (test) encoders skip it, and with it
-# the host call that keeps JAX from caching their compiled programs on disk.
-BARRIER_MIN_DEPTH = 8
 
 MSA_MLP_SCALE = 0.5  # x + mlp(xn) + 0.5 * MLP_Adapter(xn), as in the MSA original
 
@@ -194,8 +190,8 @@ def _pad_tokens(x: jax.Array, hw_padded: tuple[int, int], value: jax.Array) -> j
 
 
 class MLPBlock(nnx.Module):
-    def __init__(self, dim: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
-        kw = dict(param_dtype=jnp.float32, rngs=rngs, **linear_options(dtype))
+    def __init__(self, dim: int, mlp_dim: int, *, dtype, kernels: KernelPlan, rngs: nnx.Rngs):
+        kw = dict(param_dtype=jnp.float32, rngs=rngs, **kernels.linear_options(dtype))
         self.lin1 = nnx.Linear(dim, mlp_dim, **kw)
         self.lin2 = nnx.Linear(mlp_dim, dim, **kw)
 
@@ -206,11 +202,13 @@ class MLPBlock(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head attention with decomposed relative positions (MViTv2 / SAM)."""
 
-    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], *, dtype, rngs):
+    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], *, dtype,
+                 kernels: KernelPlan | str = "auto", rngs):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
-        kw = dict(param_dtype=jnp.float32, rngs=rngs, **linear_options(dtype))
+        self.kernels = resolve_kernels(kernels)
+        kw = dict(param_dtype=jnp.float32, rngs=rngs, **self.kernels.linear_options(dtype))
         self.qkv = nnx.Linear(dim, 3 * dim, **kw)
         self.proj = nnx.Linear(dim, dim, **kw)
         self.dtype = dtype
@@ -231,11 +229,11 @@ class Attention(nnx.Module):
         # concatenate, where the indexed view's is three padded copies summed with every
         # element evaluating all three (a ViT-B block trains 5-7 % faster on a CPU).
         q, k, v = jnp.split(qkv, 3, axis=-1)
-        heads = lambda t: t.reshape(B, -1, nh, hd).transpose(0, 2, 1, 3)  # noqa: E731
+        heads = lambda t: t.reshape(B, -1, nh, hd)  # noqa: E731  [B, tokens, heads, hd]
         rh = get_rel_pos(H, H, self.rel_pos_h[...])[:qh].astype(q.dtype)  # [qh, H, hd]
         rw = get_rel_pos(W, W, self.rel_pos_w[...])[:qw].astype(q.dtype)  # [qw, W, hd]
-        out = rel_pos_attention(heads(q[:, :qh, :qw]), heads(k), heads(v), rh, rw, self.scale)
-        return out.transpose(0, 2, 1, 3).reshape(B, qh, qw, nh * hd)
+        out = self.kernels.attend(heads(q[:, :qh, :qw]), heads(k), heads(v), rh, rw, self.scale)
+        return out.reshape(B, qh, qw, nh * hd)
 
     def attend_windows(self, qkv: jax.Array, ws: int, hw: tuple[int, int]) -> jax.Array:
         """Windowed attention of the real tokens: qkv [B, Hp, Wp, 3*dim], padded to whole
@@ -284,19 +282,20 @@ class Block(nnx.Module):
         adapter_zero_init: bool,
         pad_before_norm1: bool,
         dtype,
+        kernels: KernelPlan,
         rngs: nnx.Rngs,
     ):
         ln = dict(epsilon=1e-6, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32)
         self.norm1 = nnx.LayerNorm(dim, **ln, rngs=rngs)
         attn_size = input_size if window_size == 0 else (window_size, window_size)
-        self.attn = Attention(dim, num_heads, attn_size, dtype=dtype, rngs=rngs)
+        self.attn = Attention(dim, num_heads, attn_size, dtype=dtype, kernels=kernels, rngs=rngs)
         self.norm2 = nnx.LayerNorm(dim, **ln, rngs=rngs)
-        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), dtype=dtype, kernels=kernels, rngs=rngs)
         self.window_size = window_size
         self.adapters = adapters
         self.pad_before_norm1 = pad_before_norm1
         if adapters:
-            kw = dict(zero_init=adapter_zero_init, dtype=dtype, rngs=rngs)
+            kw = dict(zero_init=adapter_zero_init, dtype=dtype, kernels=kernels, rngs=rngs)
             self.MLP_Adapter = Adapter(dim, skip_connect=False, **kw)
             self.Space_Adapter = Adapter(dim, **kw)
             self.Depth_Adapter = Adapter(dim, skip_connect=False, **kw)
@@ -367,8 +366,9 @@ class Block(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, dtype, rngs):
-        self.proj = MatmulConv2d(in_chans, embed_dim, patch_size, stride=patch_size, dtype=dtype, rngs=rngs)
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, dtype, kernels: KernelPlan, rngs):
+        self.proj = MatmulConv2d(in_chans, embed_dim, patch_size, stride=patch_size, dtype=dtype,
+                                 kernels=kernels, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.proj(x)
@@ -384,6 +384,8 @@ class ImageEncoderViT(nnx.Module):
         official SAM (normalise, then zero-pad).
     remat: recompute each block's activations in the backward pass instead of keeping
         them (global-attention maps dominate training memory at 1024 input).
+    kernels: a `SamConfig.kernels` name or a resolved KernelPlan ("auto": from the
+        default backend, once, here).
     depth_chunk (call): treat the batch as consecutive chunks of `depth_chunk` slices of a
         volume and add the MSA Depth branch (requires adapters). None: 2-D input.
     """
@@ -399,16 +401,18 @@ class ImageEncoderViT(nnx.Module):
         remat: bool = False,
         in_chans: int = 3,
         dtype=jnp.float32,
+        kernels: KernelPlan | str = "auto",
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
+        self.kernels = kernels = resolve_kernels(kernels)
         self.remat = remat
         self.img_size = img_size
         self.adapters = adapters
         self.dtype = dtype
         grid = img_size // cfg.patch_size
         D = cfg.embed_dim
-        self.patch_embed = PatchEmbed(cfg.patch_size, in_chans, D, dtype=dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(cfg.patch_size, in_chans, D, dtype=dtype, kernels=kernels, rngs=rngs)
         self.pos_embed = nnx.Param(jnp.zeros((1, grid, grid, D), jnp.float32))
         self.blocks = nnx.List(
             [
@@ -422,12 +426,13 @@ class ImageEncoderViT(nnx.Module):
                     adapter_zero_init=adapter_zero_init,
                     pad_before_norm1=pad_before_norm1,
                     dtype=dtype,
+                    kernels=kernels,
                     rngs=rngs,
                 )
                 for i in range(cfg.depth)
             ]
         )
-        conv = dict(use_bias=False, dtype=dtype, rngs=rngs)
+        conv = dict(use_bias=False, dtype=dtype, kernels=kernels, rngs=rngs)
         self.neck = nnx.List(
             [
                 MatmulConv2d(D, cfg.out_chans, 1, **conv),
@@ -451,7 +456,8 @@ class ImageEncoderViT(nnx.Module):
         run_block = lambda blk, x: blk(x, depth_chunk)  # noqa: E731
         if self.remat:
             run_block = nnx.remat(run_block)
-        barrier = cotangent_barrier if len(self.blocks) >= BARRIER_MIN_DEPTH else (lambda x: x)
+        deep_barrier = self.kernels.barrier_between_blocks(len(self.blocks))
+        barrier = cotangent_barrier if deep_barrier else (lambda x: x)
         for blk in self.blocks:
             x = barrier(run_block(blk, x))
         for layer in self.neck:

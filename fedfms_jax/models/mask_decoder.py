@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedfms_jax.models.common import LayerNorm2d, UpConv2x2, gelu
+from fedfms_jax.models.kernels import KernelPlan, resolve_kernels
 from fedfms_jax.models.transformer import TwoWayTransformer, linear
 
 
@@ -24,10 +25,11 @@ class MLP(nnx.Module):
     """Linear layers with ReLU between them (MaskFormer-style head)."""
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int,
-                 sigmoid_output: bool = False, *, dtype=jnp.float32, rngs: nnx.Rngs):
+                 sigmoid_output: bool = False, *, dtype=jnp.float32,
+                 kernels: KernelPlan | str = "auto", rngs: nnx.Rngs):
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nnx.List([
-            linear(i, o, dtype=dtype, rngs=rngs) for i, o in zip(dims[:-1], dims[1:])
+            linear(i, o, dtype=dtype, kernels=kernels, rngs=rngs) for i, o in zip(dims[:-1], dims[1:])
         ])
         self.sigmoid_output = sigmoid_output
 
@@ -45,7 +47,7 @@ class MaskDecoder(nnx.Module):
                  iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, *,
                  transformer_depth: int = 2, transformer_heads: int = 8, transformer_mlp_dim: int = 2048,
                  prompt_free: bool = False, num_classes: int = 1,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, kernels: KernelPlan | str = "auto", rngs: nnx.Rngs):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         c = transformer_dim
@@ -54,19 +56,20 @@ class MaskDecoder(nnx.Module):
         self.prompt_free = prompt_free
         self.num_classes = num_classes
         self.dtype = dtype
+        kernels = resolve_kernels(kernels)
         self.transformer = TwoWayTransformer(transformer_depth, c, transformer_heads, transformer_mlp_dim,
-                                             dtype=dtype, rngs=rngs)
+                                             dtype=dtype, kernels=kernels, rngs=rngs)
         self.iou_token = nnx.Embed(1, c, rngs=rngs)
         self.mask_tokens = nnx.Embed(self.num_mask_tokens, c, rngs=rngs)
-        up = lambda i, o: UpConv2x2(i, o, dtype=dtype, rngs=rngs)  # noqa: E731
+        up = lambda i, o: UpConv2x2(i, o, dtype=dtype, kernels=kernels, rngs=rngs)  # noqa: E731
         # None at the GELU positions of torch's Sequential.
         self.output_upscaling = nnx.List([up(c, c // 4), LayerNorm2d(c // 4), None,
                                           up(c // 4, c // 8), None])
         self.output_hypernetworks_mlps = nnx.List([
-            MLP(c, c, c // 8, 3, dtype=dtype, rngs=rngs) for _ in range(self.num_mask_tokens)
+            MLP(c, c, c // 8, 3, dtype=dtype, kernels=kernels, rngs=rngs) for _ in range(self.num_mask_tokens)
         ])
         self.iou_prediction_head = MLP(c, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth,
-                                       dtype=dtype, rngs=rngs)
+                                       dtype=dtype, kernels=kernels, rngs=rngs)
         if num_classes > 1:
             self.seg1 = nnx.Conv(self.num_mask_tokens, num_classes, (1, 1), dtype=dtype,
                                  preferred_element_type=jnp.float32, rngs=rngs)

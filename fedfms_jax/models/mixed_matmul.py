@@ -13,8 +13,8 @@ from the product: no rounding to bf16 and widening back, two passes over every w
 every step. Numerically this is ordinary mixed precision: operands rounded to bf16, sums
 and gradients in float32.
 
-Used only for bf16/fp16 compute on the CPU backend; float32 compute and accelerators
-take the plain path, unchanged.
+The "cpu" kernel plan (models/kernels) uses these for bf16/fp16 compute; float32
+compute takes the plain path, unchanged, and the other plans never come here.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ LINEAR_SPEC = "mk,kn->mn"
 
 
 def use_mixed(dtype) -> bool:
-    """Whether products in `dtype` should take the mixed path on this backend."""
-    return jnp.dtype(dtype) != jnp.dtype(F32) and jax.default_backend() == "cpu"
+    """Whether products in `dtype` take the mixed path (reduced precision) or stay plain."""
+    return jnp.dtype(dtype) != jnp.dtype(F32)
 
 
 def _operands(spec: str) -> tuple[str, str, str]:
@@ -89,8 +89,7 @@ def _product(spec: str, dtype, a: jax.Array, b: jax.Array) -> jax.Array:
 def mixed_einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
     """einsum of a and b computed in `dtype`, float32 result.
 
-    On the CPU with a reduced `dtype`: the custom-gradient path above. Elsewhere: a plain
-    einsum in `dtype` with a float32 result (what XLA's accelerators do well)."""
+    With a reduced `dtype`: the custom-gradient path above. float32: a plain einsum."""
     if use_mixed(dtype):
         _operands(spec)
         return _product(spec, dtype, a, b)
@@ -114,9 +113,9 @@ def _mixed_dot_general(lhs, rhs, dimension_numbers, *, compute_dtype, **kwargs):
 def linear_options(dtype) -> dict:
     """`nnx.Linear` keyword arguments for a layer computing in `dtype`.
 
-    On the CPU with a reduced dtype the layer keeps its float32 kernel, bias and input
-    and multiplies through the mixed product (float32 result, float32 kernel gradient);
-    elsewhere it is Linear's own promotion to `dtype`."""
+    With a reduced dtype the layer keeps its float32 kernel, bias and input and
+    multiplies through the mixed product (float32 result, float32 kernel gradient); in
+    float32 it is Linear's own promotion to `dtype`."""
     if not use_mixed(dtype):
         return dict(dtype=dtype)
     return dict(dtype=dtype, promote_dtype=_unpromoted,

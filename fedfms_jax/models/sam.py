@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from fedfms_jax.models.image_encoder import VIT_CONFIGS, ImageEncoderViT
+from fedfms_jax.models.kernels import KERNEL_NAMES, resolve_kernels
 from fedfms_jax.models.mask_decoder import MaskDecoder
 from fedfms_jax.models.prompt_encoder import PromptEncoder
 from fedfms_jax.models.tiny_vit import TINY_VIT_PRESETS, TinyViT, TinyViTConfig
@@ -50,6 +51,9 @@ class SamConfig:
         about as much logit error as the whole encoder does.
     tiny_vit: TinyViTConfig or a preset name (TINY_VIT_PRESETS); None = "tiny_sam" at
         image_size.
+    kernels: which program each backend gets (models/kernels): "auto" (from the default
+        backend when the model is built), "cpu", "gpu" or "reference" (the plain SAM
+        math). The same function either way; only speed and rounding differ.
     """
 
     encoder: str = "vit_b"
@@ -64,6 +68,7 @@ class SamConfig:
     pad_before_norm1: bool = False
     decoder_dtype: str = "float32"
     remat: bool = False
+    kernels: str = "auto"
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -96,6 +101,8 @@ class SamConfig:
         for field in ("dtype", "decoder_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"SamConfig.{field}={getattr(self, field)!r} is not one of {tuple(DTYPES)}")
+        if self.kernels not in KERNEL_NAMES:
+            raise ValueError(f"SamConfig.kernels={self.kernels!r} is not one of {KERNEL_NAMES}")
         if self.adapter_zero_init and not self.adapters:
             raise ValueError("SamConfig.adapter_zero_init=True needs adapters=True")
 
@@ -145,23 +152,26 @@ def preprocess(images, pixel_norm: str = "sam") -> jax.Array:
 class Sam(nnx.Module):
     def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
+        # Resolved once, here: every submodule keeps this plan.
+        self.kernels = kernels = resolve_kernels(cfg.kernels)
         dt = cfg.compute_dtype
         if cfg.encoder == "tiny_vit":
             self.image_encoder = TinyViT(cfg.tiny_vit_config, adapters=cfg.adapters,
-                                         adapter_zero_init=cfg.adapter_zero_init, dtype=dt, rngs=rngs)
+                                         adapter_zero_init=cfg.adapter_zero_init, dtype=dt,
+                                         kernels=kernels, rngs=rngs)
         else:
             self.image_encoder = ImageEncoderViT(
                 VIT_CONFIGS[cfg.encoder], cfg.image_size, adapters=cfg.adapters,
                 adapter_zero_init=cfg.adapter_zero_init, pad_before_norm1=cfg.pad_before_norm1,
                 remat=cfg.remat,
-                dtype=dt, rngs=rngs)
+                dtype=dt, kernels=kernels, rngs=rngs)
         c, g = cfg.embed_dim, cfg.embedding_size
         dt = DTYPES[cfg.decoder_dtype]
         self.prompt_encoder = PromptEncoder(c, (g, g), (cfg.image_size, cfg.image_size), MASK_IN_CHANS,
                                             dtype=dt, rngs=rngs)
         # segment_anything's widths scale with the embedding: 256 -> mlp 2048, IoU head 256.
         self.mask_decoder = MaskDecoder(c, 3, 3, c, transformer_mlp_dim=8 * c, prompt_free=cfg.prompt_free,
-                                        num_classes=cfg.num_classes, dtype=dt, rngs=rngs)
+                                        num_classes=cfg.num_classes, dtype=dt, kernels=kernels, rngs=rngs)
         # segment_anything's pixel_mean/pixel_std are non-persistent buffers (absent from
         # checkpoints); normalisation lives in `preprocess`.
 

@@ -39,6 +39,7 @@ from flax import nnx
 
 from fedfms_jax.models.adapters import Adapter
 from fedfms_jax.models.common import LayerNorm2d, gelu
+from fedfms_jax.models.kernels import KernelPlan, resolve_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,14 +232,14 @@ def _window_unpartition(x, ws, padded, size, batch):
 
 class TinyViTBlock(nnx.Module):
     def __init__(self, dim, num_heads, window, mlp_ratio, local_conv_size, *, adapters,
-                 adapter_zero_init, dtype, rngs):
+                 adapter_zero_init, dtype, kernels: KernelPlan, rngs):
         self.window = window
         self.attn = Attention(dim, dim // num_heads, num_heads, window, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
         pad = local_conv_size // 2
         self.local_conv = Conv2d_BN(dim, dim, local_conv_size, 1, pad, groups=dim, dtype=dtype, rngs=rngs)
         if adapters:
-            kw = dict(zero_init=adapter_zero_init, dtype=dtype, rngs=rngs)
+            kw = dict(zero_init=adapter_zero_init, dtype=dtype, kernels=kernels, rngs=rngs)
             self.MLP_Adapter = Adapter(dim, skip_connect=False, **kw)
             self.Space_Adapter = Adapter(dim, skip_connect=True, **kw)
             self.Depth_Adapter = Adapter(dim, skip_connect=False, **kw)  # 3-D branch only
@@ -265,10 +266,10 @@ class TinyViTBlock(nnx.Module):
 
 class BasicLayer(nnx.Module):
     def __init__(self, dim, depth, num_heads, window, cfg: TinyViTConfig, downsample, *, adapters,
-                 adapter_zero_init, dtype, rngs):
+                 adapter_zero_init, dtype, kernels: KernelPlan, rngs):
         self.blocks = nnx.List([
             TinyViTBlock(dim, num_heads, window, cfg.mlp_ratio, cfg.local_conv_size, adapters=adapters,
-                         adapter_zero_init=adapter_zero_init, dtype=dtype, rngs=rngs)
+                         adapter_zero_init=adapter_zero_init, dtype=dtype, kernels=kernels, rngs=rngs)
             for _ in range(depth)
         ])
         self.downsample = downsample
@@ -284,8 +285,10 @@ class TinyViT(nnx.Module):
     prod(merge_strides)), i.e. 64 for the presets at their `img_size`."""
 
     def __init__(self, cfg: TinyViTConfig, *, adapters: bool = False, adapter_zero_init: bool = False,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, kernels: KernelPlan | str = "auto", rngs: nnx.Rngs):
         self.cfg = cfg
+        # Only the MSA adapters' products depend on the plan; TinyViT's own layers are plain.
+        kernels = resolve_kernels(kernels)
         dims, n = cfg.embed_dims, len(cfg.depths)
         if not (len(dims) == len(cfg.num_heads) == len(cfg.window_sizes) == n == len(cfg.merge_strides) + 1):
             raise ValueError(f"inconsistent TinyViT stage settings: {cfg}")
@@ -301,7 +304,7 @@ class TinyViT(nnx.Module):
             else:
                 layers.append(BasicLayer(dims[i], cfg.depths[i], cfg.num_heads[i], cfg.window_sizes[i], cfg,
                                          down, adapters=adapters, adapter_zero_init=adapter_zero_init,
-                                         dtype=dtype, rngs=rngs))
+                                         dtype=dtype, kernels=kernels, rngs=rngs))
         self.layers = nnx.List(layers)
         kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         if cfg.num_classes is not None:  # carried for checkpoint compatibility, never applied

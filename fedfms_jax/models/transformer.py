@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedfms_jax.models.mixed_matmul import linear_options
+from fedfms_jax.models.kernels import KernelPlan, resolve_kernels
 
 TRANSFORMER_LN_EPS = 1e-5
 
@@ -28,16 +28,17 @@ def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     )
 
 
-def linear(i: int, o: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def linear(i: int, o: int, *, dtype, kernels: KernelPlan | str = "auto", rngs: nnx.Rngs) -> nnx.Linear:
     """Linear layer with `dtype` inputs and a float32 result."""
-    return nnx.Linear(i, o, preferred_element_type=jnp.float32, rngs=rngs, **linear_options(dtype))
+    return nnx.Linear(i, o, preferred_element_type=jnp.float32, rngs=rngs,
+                      **resolve_kernels(kernels).linear_options(dtype))
 
 
 class Attention(nnx.Module):
     """Multi-head attention whose projections may shrink the width by `downsample_rate`."""
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1, *,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, kernels: KernelPlan | str = "auto", rngs: nnx.Rngs):
         self.internal_dim = embedding_dim // downsample_rate
         if self.internal_dim % num_heads:
             raise ValueError(
@@ -46,7 +47,7 @@ class Attention(nnx.Module):
             )
         self.num_heads = num_heads
         self.dtype = dtype
-        lin = lambda i, o: linear(i, o, dtype=dtype, rngs=rngs)  # noqa: E731
+        lin = lambda i, o: linear(i, o, dtype=dtype, kernels=kernels, rngs=rngs)  # noqa: E731
         self.q_proj = lin(embedding_dim, self.internal_dim)
         self.k_proj = lin(embedding_dim, self.internal_dim)
         self.v_proj = lin(embedding_dim, self.internal_dim)
@@ -69,9 +70,10 @@ class Attention(nnx.Module):
 class MLPBlock(nnx.Module):
     """lin2(ReLU(lin1(x))) — segment_anything's MLPBlock with the decoder's ReLU."""
 
-    def __init__(self, embedding_dim: int, mlp_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.lin1 = linear(embedding_dim, mlp_dim, dtype=dtype, rngs=rngs)
-        self.lin2 = linear(mlp_dim, embedding_dim, dtype=dtype, rngs=rngs)
+    def __init__(self, embedding_dim: int, mlp_dim: int, *, dtype=jnp.float32,
+                 kernels: KernelPlan | str = "auto", rngs: nnx.Rngs):
+        self.lin1 = linear(embedding_dim, mlp_dim, dtype=dtype, kernels=kernels, rngs=rngs)
+        self.lin2 = linear(mlp_dim, embedding_dim, dtype=dtype, kernels=kernels, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.lin2(jax.nn.relu(self.lin1(x)))
@@ -80,16 +82,17 @@ class MLPBlock(nnx.Module):
 class TwoWayAttentionBlock(nnx.Module):
     def __init__(self, embedding_dim: int, num_heads: int, mlp_dim: int = 2048,
                  attention_downsample_rate: int = 2, skip_first_layer_pe: bool = False, *,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, kernels: KernelPlan | str = "auto", rngs: nnx.Rngs):
         kw = dict(dtype=dtype, rngs=rngs)
-        self.self_attn = Attention(embedding_dim, num_heads, **kw)
+        mm = dict(kw, kernels=resolve_kernels(kernels))
+        self.self_attn = Attention(embedding_dim, num_heads, **mm)
         self.norm1 = layer_norm(embedding_dim, **kw)
-        self.cross_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate, **kw)
+        self.cross_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate, **mm)
         self.norm2 = layer_norm(embedding_dim, **kw)
-        self.mlp = MLPBlock(embedding_dim, mlp_dim, **kw)
+        self.mlp = MLPBlock(embedding_dim, mlp_dim, **mm)
         self.norm3 = layer_norm(embedding_dim, **kw)
         self.norm4 = layer_norm(embedding_dim, **kw)
-        self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate, **kw)
+        self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate, **mm)
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def __call__(self, queries, keys, query_pe, key_pe):
@@ -112,14 +115,15 @@ class TwoWayAttentionBlock(nnx.Module):
 class TwoWayTransformer(nnx.Module):
     def __init__(self, depth: int = 2, embedding_dim: int = 256, num_heads: int = 8,
                  mlp_dim: int = 2048, attention_downsample_rate: int = 2, *,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, kernels: KernelPlan | str = "auto", rngs: nnx.Rngs):
         kw = dict(dtype=dtype, rngs=rngs)
+        mm = dict(kw, kernels=resolve_kernels(kernels))
         self.layers = nnx.List([
             TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, attention_downsample_rate,
-                                 skip_first_layer_pe=(i == 0), **kw)
+                                 skip_first_layer_pe=(i == 0), **mm)
             for i in range(depth)
         ])
-        self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate, **kw)
+        self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate, **mm)
         self.norm_final_attn = layer_norm(embedding_dim, **kw)
 
     def __call__(self, image_embedding: jax.Array, image_pe: jax.Array, point_embedding: jax.Array):

@@ -29,7 +29,7 @@ def _operands(spec_shapes, seed=0):
     ("nhpwqc,pqco->nhwo", ((2, 3, 4, 5, 4, 3), (4, 4, 3, 6))),
 ])
 def test_values_and_gradients(spec, shapes):
-    assert use_mixed(BF)  # the tests run on the CPU backend
+    assert use_mixed(BF)
     a, b = _operands(shapes)
     got = mixed_einsum(spec, a, b, BF)
     assert got.dtype == jnp.float32

@@ -20,6 +20,16 @@ def _rel_err(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+def test_cpu_layout_is_blockwise_above_32mb_of_scores():
+    # Every ViT-B block at 1024 goes blockwise (global: a 64x64 grid; windowed: 25
+    # windows of 14x14 per image, 12 heads); at 256 (four windows, a 16x16 grid) both
+    # stay in the full layout.
+    assert rpa.cpu_layout((1, 12, 64 * 64, 64), 64 * 64) == "blockwise"
+    assert rpa.cpu_layout((25, 12, 14 * 14, 64), 14 * 14) == "blockwise"
+    assert rpa.cpu_layout((4, 12, 14 * 14, 64), 14 * 14) == "full"
+    assert rpa.cpu_layout((1, 12, 16 * 16, 64), 16 * 16) == "full"
+
+
 def test_row_blocks_respect_the_score_budget():
     # A 64x64 grid (ViT-B global attention at 1024) is split into 8 blocks of 8 rows.
     assert rpa._rows_per_block(64, 64, 64 * 64) == 8
@@ -77,7 +87,7 @@ def test_blockwise_bf16_stays_close_to_float32():
     args32 = _inputs(1, 2, H, W, 16)
     args16 = tuple(a.astype(jnp.bfloat16) for a in args32)
     ref = rpa.rel_pos_attention(*args32, 0.25, "full")
-    out = rpa.rel_pos_attention(*args16, 0.25, "blockwise")
+    out = rpa.rel_pos_attention(*args16, 0.25, "blockwise", mixed=True)  # the cpu plan's path
     assert out.dtype == jnp.bfloat16
     assert _rel_err(out, ref) < 1e-2
 

@@ -17,7 +17,7 @@ def _records():
              "comm_bytes": {"up_per_client": 1000, "down_per_client": 1000, "total": 4000}, "eval": ev(0.5)}]
 
 
-def _event_scalars(logdir):
+def event_scalars(logdir):
     """tag -> [(step, value)] read straight from the event files (TFRecord framing)."""
     from tensorboardX.proto import event_pb2
     out = {}
@@ -55,7 +55,7 @@ def test_tensorboard_events_hold_every_scalar(tmp_path):
     for rec in _records():
         log.add(rec)
     log.close()
-    scalars = _event_scalars(tmp_path)
+    scalars = event_scalars(tmp_path)
     assert scalars["loss/a"] == [(1, np.float32(0.9)), (2, np.float32(0.7))]
     assert [s for s, _ in scalars["dice/unseen"]] == [0, 2]
     assert scalars["dice/b"][-1][1] == np.float32(0.6)

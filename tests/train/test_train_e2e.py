@@ -34,6 +34,14 @@ def test_outputs_have_documented_keys(tiny_run):
     pngs = sorted(p.name for p in (tiny_run / "overlays").glob("*.png"))
     assert any(n.startswith("site1_final") for n in pngs) and any(n.startswith("unseen_") for n in pngs)
     assert sorted(int(p.name) for p in (tiny_run / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+    # Learning curves: the Dice plot and TensorBoard events of rounds 0-2.
+    from PIL import Image
+    from tests.train.test_curves import event_scalars
+    with Image.open(tiny_run / "dice.png") as im:
+        assert im.format == "PNG"
+    scalars = event_scalars(tiny_run / "tensorboard")
+    assert [step for step, _ in scalars["dice/unseen"]] == [0, 1, 2]
+    assert [step for step, _ in scalars["loss/site1"]] == [1, 2]
 
 
 def test_rerun_of_finished_run_changes_no_state(tiny_run):
