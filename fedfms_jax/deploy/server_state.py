@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedfms_jax import model_init, results, run_state, workdir as wd
+from fedfms_jax.trained_model import write_final
 from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.deploy.payload import leaves_to_tree
 from fedfms_jax.federated import aggregate
@@ -101,6 +102,8 @@ class ServerState:
         return {r["round"]: r for r in self.mlog.records()}
 
     def write_results(self, train_sites: list[str], unseen: str | None, extra: dict) -> dict:
+        """results.json and the portable final/ model, as a simulation run ends."""
+        write_final(self.path, self.cfg, self.engine, self.global_params, round_=self.round)
         records = self.records()
         evals = [records[r]["eval"] for r in sorted(records) if "eval" in records[r]]
         out = results.assemble(self.cfg, train_sites, unseen, initial=records.get(0, {}).get("eval"),

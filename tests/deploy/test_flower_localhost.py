@@ -105,6 +105,12 @@ def test_tls_run_equals_simulation(federation, simulation):
     res = json.loads((wd / "results.json").read_text())
     assert res["rounds"] == 2 and set(res["final"]["sites"]) == set(SITES)
     assert res["comm_bytes_per_round_per_client"] > 0
+    # The deployment leaves the same portable final/ model as a simulation: predict reads it.
+    from PIL import Image
+    from fedfms_jax import predict
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52), dtype=np.uint8)).save(wd / "in.png")
+    assert predict.main(["--weights", str(wd), "--input", str(wd / "in.png"), "--out", str(wd / "mask.png")]) == 0
+    assert np.asarray(Image.open(wd / "mask.png")).shape == (40, 52)
 
 
 def test_secagg_run_equals_simulation(federation, simulation):

@@ -46,6 +46,16 @@ def test_server_state_resumes_after_restart(tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g0)))
     flat = global_params(wd)[1]
     assert set(flat) == set(back.partition.trainable_paths)
+    # The run ends with the same portable final/ model a simulation writes: the global
+    # trained leaves of the last checkpointed round, beside the frozen ones.
+    from fedfms_jax.trained_model import load_trained
+    from weights_convert.store import read_params
+    back.write_results(["site0", "site1", "site2"], None, {})
+    assert load_trained(wd).round == 2
+    stored = read_params(wd / "final")
+    for path, value in zip(back.partition.trainable_paths, back.partition.flatten_trainable(back.global_params)):
+        np.testing.assert_array_equal(np.asarray(stored[path]), np.asarray(value), err_msg=path)
+    assert len(stored) > len(back.partition.trainable_paths)  # frozen leaves are there too
     back.close()
 
     other = dict(cfg, lr=0.5)
