@@ -37,7 +37,9 @@ def sam_config(cfg: dict):
     kw = dict(encoder=m["encoder"], image_size=cfg["image_size"], adapters=m["adapters"],
               adapter_zero_init=m["adapter_zero_init"], prompt_free=m["prompt_free"],
               num_classes=cfg["num_classes"], pixel_norm=m["pixel_norm"], dtype=m["dtype"],
-              remat=m["remat"], kernels=m["kernels"], pad_before_norm1=m["pad_before_norm1"])
+              remat=m["remat"], kernels=m["kernels"],
+              # a config made before the field (a plain dict) means today's order
+              pad_before_norm1=m.get("pad_before_norm1", False))
     if m["tiny_vit"]:
         kw["tiny_vit"] = m["tiny_vit"]
     try:
@@ -93,7 +95,7 @@ def build_model(cfg: dict, *, seed: int | None = None, adapter_draws: int = 1):
 
 def start_adapters(cfg: dict, model, *, seed: int, draws: int, loaded=()) -> dict:
     """Apply cfg["adapter_init"] to the adapters not among the `loaded` state-dict keys."""
-    if cfg["adapter_init"] != "torch_mean":
+    if cfg.get("adapter_init", "lecun") != "torch_mean":
         return {}
     drawn = init_adapters_torch_mean(model, draws=draws, seed=seed, keep=loaded)
     return {"adapter_init": "torch_mean", "adapter_draws": draws, "adapter_layers_drawn": len(drawn)}
