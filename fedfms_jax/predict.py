@@ -3,8 +3,9 @@
     python -m fedfms_jax.predict --weights DIR --input FILE_OR_FOLDER --out FILE_OR_FOLDER
         [--box x0,y0,x1,y1 | --point x,y] [--save-logits F.npy] [--round R]
 
-DIR is a training work dir (the global model of its latest checkpoint, or --round) or a
-`weights_convert` output. Inputs: PNG/JPEG/TIFF, NPY ([H,W], [H,W,3] or a [D,H,W]
+DIR is a model directory (a `weights_convert` output, or a run's final/) or a training
+work dir: its final/ model, or the global model of checkpoint --round R; no dataset is
+built to load it. Inputs: PNG/JPEG/TIFF, NPY ([H,W], [H,W,3] or a [D,H,W]
 stack) or NIfTI. A NIfTI volume is reoriented to its closest canonical orientation (as
 viewers and the training data readers do) and cut into axial slices laid out as the model
 was trained (`slice_orientation` in its model.json, "yx" by default); the label volume is
@@ -27,6 +28,8 @@ import numpy as np
 from fedfms_jax import config_cli
 from fedfms_jax.cli_errors import UsageError, run_cli
 from fedfms_jax.data import preprocess
+from fedfms_jax.trained_model import load_trained
+from weights_convert.workdir_model import final_dir, is_workdir
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 INPUT_EXT = IMAGE_EXT + (".npy", ".nii", ".nii.gz")
@@ -94,30 +97,15 @@ def parse_numbers(text: str, n: int, what: str) -> np.ndarray:
 
 
 def load_predictor(weights: Path, round_: int | None = None):
-    """-> (model, image_size, pixel_norm, prompt_free) from a work dir or converted weights."""
-    if not weights.is_dir():
-        raise UsageError(f"weights directory {weights} does not exist")
-    if (weights / "model.json").is_file():
-        from weights_convert.store import load_model
-        try:
-            scfg, model = load_model(weights)
-        except Exception as exc:
-            raise UsageError(f"cannot read weights in {weights}: {' '.join(str(exc).split())[:300]}") from None
-        return model, scfg.image_size, scfg.pixel_norm, scfg.prompt_free
-    if (weights / "config.json").is_file():
-        from flax import nnx
-        from fedfms_jax.run_state import restore_run
-        run = restore_run(weights, round_)
-        eng = run.engine
-        model = nnx.merge(eng.graphdef, eng.partition.merge(run.global_trainable(), eng.frozen), eng.rest)
-        m = run.cfg["model"]
-        return model, run.cfg["image_size"], m["pixel_norm"], m["prompt_free"]
-    raise UsageError(f"{weights} is neither a training work dir (config.json) nor converted weights (model.json)")
+    """-> (model, image_size, pixel_norm, prompt_free) from a model directory or a work dir."""
+    trained = load_trained(weights, round_)
+    scfg = trained.config
+    return trained.model, scfg.image_size, scfg.pixel_norm, scfg.prompt_free
 
 
 def slice_orientation(weights: Path) -> str:
     """The slice layout a model was trained with: its model.json's, else "yx"."""
-    meta = weights / "model.json"
+    meta = (final_dir(weights) if is_workdir(weights) else weights) / "model.json"
     if meta.is_file():
         try:
             return json.loads(meta.read_text()).get("slice_orientation", "yx")
@@ -242,7 +230,7 @@ FLAGS = {
     "box": ("x0,y0,x1,y1", "a box prompt in input pixels"),
     "point": ("x,y", "a foreground point prompt in input pixels"),
     "save-logits": ("F.npy", "also save the raw logits"),
-    "round": ("R", "work dir: the checkpoint of round R (default: the latest)"),
+    "round": ("R", "work dir: the global model of checkpoint R (default: its final/ model)"),
 }
 
 

@@ -1,7 +1,8 @@
 """Everything a run is made of, built from its config: data, model, engine, state.
 
-Shared by `train` (fresh or resumed), `evaluate` and `predict` (restored from a work
-dir's checkpoint), so that all three rebuild exactly the same model and state layout.
+Used by `train` (fresh or resumed) and by `evaluate` (the run's data and scoring for a
+model loaded on its own, see `trained_model`), so that both see the same sites, splits
+and forward pass.
 
 Modes: "federated" (FedAvg over the training sites), "centralized" (one client holding
 the pooled training sites), "local" (every site trains alone: the engine's clients are
@@ -17,11 +18,12 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from flax import nnx
 
-from fedfms_jax import model_init, run_config, workdir as wd
-from fedfms_jax.checkpoint import Checkpointer
+from fedfms_jax import checkpoint, model_init, run_config, workdir as wd
 from fedfms_jax.cli_errors import UsageError
 from fedfms_jax.evaluation import make_eval_step
+from fedfms_jax.federated.partition import make_partition
 
 
 def enable_compilation_cache() -> None:
@@ -117,15 +119,6 @@ def make_engine(cfg: dict, model):
                            aggregate_clients=cfg["mode"] != "local", **chunk)
 
 
-def to_tree(state) -> dict:
-    """FedState -> plain dict for orbax."""
-    return state._asdict()
-
-
-def from_tree(tree, like):
-    return type(like)(**tree)
-
-
 @dataclasses.dataclass
 class Run:
     cfg: dict
@@ -155,29 +148,10 @@ class Run:
         if site in self.clients:
             i = self.clients.index(site)
             return jax.tree.map(lambda x: x[i], per_site)
-        w = np.asarray([len(self.fed.train(s)) for s in self.clients], np.float64)
-        w = w / w.sum()
-        return jax.tree.map(lambda x: sum(wi * x[i] for i, wi in enumerate(w)), per_site)
+        return checkpoint.sample_weighted_mean(per_site, [len(self.fed.train(s)) for s in self.clients])
 
     def params_for_site(self, site: str | None = None):
         return self.global_trainable(site), self.engine.frozen, self.engine.rest
-
-    def abstract_tree(self):
-        def abstract(x):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-        return jax.tree.map(abstract, to_tree(self.state))
-
-    # Checkpoint layout: {"fed": engine state(s), "rng": key data} + JSON meta.
-    def save(self, ckpt: Checkpointer, round_: int, rng, meta: dict) -> None:
-        ckpt.save(round_, {"fed": to_tree(self.state), "rng": rng}, meta)
-
-    def restore(self, ckpt: Checkpointer, round_: int):
-        """Load checkpoint `round_` into self.state; returns (rng key data, meta)."""
-        rng_like = jax.ShapeDtypeStruct((2,), np.uint32)
-        tree, meta = ckpt.restore(round_, {"fed": self.abstract_tree(), "rng": rng_like})
-        self.state = from_tree(tree["fed"], self.state)
-        self.round = int(meta["round"])
-        return tree["rng"], meta
 
 
 def build_run(cfg: dict) -> Run:
@@ -201,21 +175,59 @@ def build_run(cfg: dict) -> Run:
 
 
 def restore_run(workdir: Path, round_: int | None = None) -> Run:
-    """A Run rebuilt from a work dir's config.json, its state from checkpoint `round_` (latest)."""
+    """A Run rebuilt from a work dir's config.json (data included), its state from
+    checkpoint `round_` (latest). For inspecting a run's full state; a model alone is
+    loaded with `trained_model.load_trained`."""
     enable_compilation_cache()
     cfg = wd.load_config(workdir)
     run_config.validate(cfg)
-    ckpt_dir = Path(workdir) / wd.CKPT_DIR
-    if not ckpt_dir.is_dir():
-        raise UsageError(f"{workdir} has no checkpoints yet")
-    run = build_run(cfg)
-    ckpt = Checkpointer(ckpt_dir, keep=cfg["checkpoint_keep"])
-    rounds = ckpt.all_rounds()
-    if not rounds:
-        raise UsageError(f"{workdir} has no checkpoints yet")
-    target = rounds[-1] if round_ is None else round_
-    if target not in rounds:
-        raise UsageError(f"{workdir} has no checkpoint of round {target} (have {rounds})")
-    run.restore(ckpt, target)
-    ckpt.close()
+    try:
+        ckpt = checkpoint.open_workdir(workdir)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    with ckpt:
+        try:
+            target = checkpoint.pick_round(ckpt, round_, workdir)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        run = build_run(cfg)
+        run.state, _, meta = ckpt.restore_run(target, run.state)
+    run.round = int(meta["round"])
     return run
+
+
+@dataclasses.dataclass
+class Scoring:
+    """What scores a model on a run's data: the sites, and the pieces of a jitted eval step."""
+    fed: Any
+    train_sites: list[str]
+    unseen_site: str | None
+    graphdef: Any
+    partition: Any
+    forward: Any
+    params_for_site: Any  # site -> (trainable, frozen, rest)
+
+
+def scoring(cfg: dict, model, per_site=None) -> Scoring:
+    """The run's data and `model` split as the engine splits it. `per_site`: the sites'
+    own trainable trees stacked on a leading axis (in training-site order) when the sites
+    trained alone; each scores itself with its own, the unseen site with `model`."""
+    fed = load_federation(cfg)
+    train_sites, unseen = resolve_sites(cfg, fed)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    partition = make_partition(params, cfg["partition"] or cfg["method"])
+    trainable, frozen = partition.split(params)
+    own = {}
+    if per_site is not None:
+        stacked = jax.tree.map(jax.numpy.asarray, per_site)
+        own = {s: jax.tree.map(lambda x, i=i: x[i], stacked) for i, s in enumerate(train_sites)}
+    if cfg["cache_embeddings"]:
+        from fedfms_jax import embedding_cache as ec
+        fed = ec.EmbeddedFederation(fed, ec.Embedder(model, cfg["model"]["pixel_norm"]))
+    forward = model_init.make_forward(cfg["model"]["pixel_norm"], from_embeddings=cfg["cache_embeddings"],
+                                      mask_size=cfg["image_size"] // 4)
+
+    def params_for_site(site=None):
+        return own.get(site, trainable), frozen, rest
+
+    return Scoring(fed, train_sites, unseen, graphdef, partition, forward, params_for_site)

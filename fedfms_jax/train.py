@@ -25,6 +25,7 @@ from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.cli_errors import DivergedError, run_cli
 from fedfms_jax.evaluation import evaluate_federation, format_table
 from fedfms_jax.federated.comm import comm_bytes
+from fedfms_jax.trained_model import write_final
 
 
 # ===================================================================================== config
@@ -87,7 +88,8 @@ def main(argv: Sequence[str]) -> int:
     start, train_seconds, initial = 1, 0.0, None
     latest = ckpt.latest_round()
     if latest is not None:
-        rng, meta = run.restore(ckpt, latest)
+        run.state, rng, meta = ckpt.restore_run(latest, run.state)
+        run.round = int(meta["round"])
         loader.restore(meta["loader"])
         start, train_seconds = latest + 1, float(meta["train_seconds"])
         mlog.truncate_after(latest)
@@ -150,7 +152,7 @@ def main(argv: Sequence[str]) -> int:
         board.add(record)
         if eval_res is not None:
             curves.write_dice_plot(mlog.records(), path / curves.DICE_PLOT, title=cfg["name"] or "")
-        run.save(ckpt, r, rng, {"round": r, "loader": loader.state(), "train_seconds": train_seconds})
+        ckpt.save_run(r, run.state, rng, {"round": r, "loader": loader.state(), "train_seconds": train_seconds})
         eta = np.mean(round_times[-5:]) * (cfg["rounds"] - r)
         loss_txt = " ".join(f"{c}={l:.4f}" for c, l in zip(run.clients, losses))
         msg = f"round {r}/{cfg['rounds']} | loss {loss_txt} | {dt:.1f}s | ETA {_fmt_s(eta)}"
@@ -160,6 +162,10 @@ def main(argv: Sequence[str]) -> int:
     ckpt.close()
     loader.close()
     board.close()
+
+    # ------------------------------------------------------------------------ final model
+    final_dir = write_final(path, cfg, engine, run.global_trainable(), round_=cfg["rounds"])
+    log(f"final model: {final_dir}")
 
     # ---------------------------------------------------------------------------- results
     out = results.assemble(cfg, run.train_sites, run.unseen_site, initial=initial, final=last_eval,

@@ -51,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="weights directory -> PyTorch state dict .pth")
     e.add_argument("--weights", required=True, type=Path,
-                   help="a directory written by convert / save_weights, or a training work dir")
-    e.add_argument("--round", type=int, default=None, help="training work dir: which round (default latest)")
+                   help="a directory written by convert / save_weights, or a training work dir (its final/ model)")
+    e.add_argument("--round", type=int, default=None,
+                   help="training work dir: the global model of this round's checkpoint instead of final/")
     e.add_argument("--out", required=True, type=Path, help="output .pth")
     e.add_argument("--writer", default="auto", choices=("auto", "torch", "native"),
                    help="torch.save, or the built-in writer that needs no torch (auto: torch if installed)")
@@ -89,15 +90,12 @@ def _convert(args) -> int:
 
 
 def _export(args) -> int:
-    from weights_convert.convert import exported_state_dict, trained_state_dict
+    from weights_convert.convert import exported_state_dict
     from weights_convert.export import write_pth
 
     if args.out.exists() and not args.force:
         raise CheckpointError(f"{args.out} exists; pass --force to replace it")
-    if (args.weights / "model.json").is_file() or not (args.weights / "config.json").is_file():
-        state_dict = exported_state_dict(args.weights)
-    else:
-        state_dict = trained_state_dict(args.weights, args.round)
+    state_dict = exported_state_dict(args.weights, args.round)
     writer = write_pth(state_dict, args.out, writer=args.writer, force=args.force)
     print(f"wrote {len(state_dict)} tensors to {args.out} ({writer} writer)")
     return 0

@@ -1,7 +1,7 @@
 """PyTorch state dict -> converted weights directory, and back.
 
 Every model variable is matched to its PyTorch key by `weights_convert.rules` (the same
-table `fedfms_jax.models.torch_state` uses), against the model's structure built with
+table `weights_convert.torch_state` uses), against the model's structure built with
 shapes only. Tensors are then read, converted and written one at a time, so memory
 stays near one copy of the output. Any missing, unexpected or mis-shaped key stops the
 conversion before anything is written.
@@ -19,9 +19,10 @@ from weights_convert import rules
 from weights_convert.detect import NUMERICS, Detected, Family, detect, family_of, is_adapter_key, unused_keys
 from weights_convert.pth import load_checkpoint
 from weights_convert.store import (
-    cheap_tracer_errors, abstract_model, mismatch_message, model_variables, path_name, read_meta, read_params, write_dir,
+    cheap_tracer_errors, abstract_model, mismatch_message, model_variables, path_name, write_dir,
 )
 from weights_convert.tensorfile import CheckpointError, PendingTensor, as_numpy
+from weights_convert.workdir_model import model_source
 
 PIXEL_NORMS = ("sam", "unit")
 # Model constants that PyTorch registers as non-persistent buffers: never in a state dict,
@@ -203,39 +204,24 @@ def _carried_value(entry) -> np.ndarray:
     return np.asarray(entry["value"], np.dtype(entry["dtype"])).reshape(entry["shape"])
 
 
-def exported_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The weights in DIR as a PyTorch state dict (numpy arrays, PyTorch layouts and keys)."""
-    doc = read_meta(directory)
-    tensors = read_params(directory)
-    carried = doc.get("torch_only") or {}
+def exported_state_dict(path: str | os.PathLike, round_: int | None = None) -> dict[str, np.ndarray]:
+    """The weights at `path` as a PyTorch state dict (numpy arrays, PyTorch layouts and keys).
+
+    `path` is a weights directory, or a training work dir: its final/ model, or the global
+    model of checkpoint `round_` (see `workdir_model`).
+    """
+    source = model_source(path, round_)
+    carried = source.doc.get("torch_only") or {}
     out: dict[str, np.ndarray] = {}
-    for name, lazy in tensors.items():
-        path = tuple(name.split("/"))
-        key = rules.torch_key(path)
+    for name, value in source.tensors.items():
+        path_ = tuple(name.split("/"))
+        key = rules.torch_key(path_)
         if key in NON_PERSISTENT:
             continue
-        out[key] = np.asarray(rules.to_torch(path, lazy.numpy()), order="C")  # plain contiguous tensors
+        out[key] = np.asarray(rules.to_torch(path_, as_numpy(value)), order="C")  # plain contiguous tensors
         if key.endswith(".running_var"):  # torch keeps a batch counter after each BatchNorm
             counter = key[: -len("running_var")] + "num_batches_tracked"
             out[counter] = _carried_value(carried[counter]) if counter in carried else np.zeros((), np.int64)
     for key, entry in carried.items():
         out.setdefault(key, _carried_value(entry))
     return out
-
-
-def trained_state_dict(workdir: str | os.PathLike, round_: int | None = None) -> dict[str, np.ndarray]:
-    """The global model of a training work dir (config.json + checkpoints; latest round
-    unless `round_`) as a PyTorch state dict."""
-    from flax import nnx
-
-    from fedfms_jax.cli_errors import UsageError
-    from fedfms_jax.models.torch_state import export_state_dict
-    from fedfms_jax.run_state import restore_run
-
-    try:
-        run = restore_run(Path(workdir), round_)
-    except UsageError as e:
-        raise CheckpointError(str(e)) from None
-    eng = run.engine
-    model = nnx.merge(eng.graphdef, eng.partition.merge(run.global_trainable(), eng.frozen), eng.rest)
-    return {k: np.asarray(v, order="C") for k, v in export_state_dict(model).items() if k not in NON_PERSISTENT}

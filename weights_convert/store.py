@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -207,29 +208,84 @@ def abstract_model(config):
         return nnx.eval_shape(lambda: build_sam(config, rngs=nnx.Rngs(0)))
 
 
-def load_model(directory: str | os.PathLike):
-    """(SamConfig, Sam) rebuilt from DIR, every variable filled from the stored params."""
+# Leaves a pretrained SAM never has: MSA adapters and FedFMS's multi-class `seg1` head. A
+# model that wants them and loads weights without them starts them from its own init.
+ADAPTER_LEAF = re.compile(r"(^|/)(Space|MLP|Depth)_Adapter/")
+SEG1_LEAF = re.compile(r"^mask_decoder/seg1/")
+
+
+def is_added_leaf(name: str) -> bool:
+    return bool(ADAPTER_LEAF.search(name) or SEG1_LEAF.search(name))
+
+
+def needs_own_init(config, names: Iterable[str]) -> bool:
+    """Whether a model of `config` has leaves that the stored `names` lack and that keep the
+    model's own initialisation (decided from the config: nothing is built to find out)."""
+    names = list(names)
+    no_adapters = not any(ADAPTER_LEAF.search(n) for n in names)
+    no_seg1 = not any(SEG1_LEAF.search(n) for n in names)
+    return bool((config.adapters and no_adapters) or (config.num_classes > 1 and no_seg1))
+
+
+class MismatchError(CheckpointError):
+    """Stored tensors that do not fit a model; the message lists every offending name."""
+
+    def __init__(self, title: str, missing, unexpected, misshaped):
+        super().__init__(mismatch_message(title, missing, unexpected, misshaped))
+        self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
+
+
+def fill_model(model, tensors: Mapping[str, Any], *, title: str, keep_init=lambda name: False) -> list[str]:
+    """Copy stored Flax-layout tensors into `model`'s variables by name, cast to each
+    variable's dtype; returns the names left at their init (only those `keep_init` allows).
+
+    Any other missing name, any unexpected or mis-shaped tensor raises CheckpointError
+    listing every one of them, before anything is changed.
+    """
     import jax.numpy as jnp
 
-    doc = read_meta(directory)
-    config = config_from_json(doc["config"])
-    tensors = read_params(directory)
-    model = abstract_model(config)
     variables = model_variables(model)
-    missing, misshaped, used = [], [], set()
+    missing, misshaped, kept, used = [], [], [], set()
     for path, var in variables:
         name = path_name(path)
         t = tensors.get(name)
         if t is None:
-            missing.append(name)
+            (kept if keep_init(name) else missing).append(name)
         elif tuple(t.shape) != tuple(var.get_value().shape):
             misshaped.append(f"{name}: stored {tuple(t.shape)}, model expects {tuple(var.get_value().shape)}")
         used.add(name)
     unexpected = sorted(set(tensors) - used)
     if missing or unexpected or misshaped:
-        raise CheckpointError(mismatch_message(
-            f"{directory}: stored parameters do not match the model its {MODEL_JSON} describes:",
-            missing, unexpected, misshaped))
+        raise MismatchError(title, missing, unexpected, misshaped)
     for path, var in variables:
-        var.set_value(jnp.asarray(np.asarray(tensors[path_name(path)]), dtype=var.get_value().dtype))
+        name = path_name(path)
+        if name in tensors:
+            var.set_value(jnp.asarray(np.asarray(tensors[name]), dtype=var.get_value().dtype))
+    return kept
+
+
+def build_loaded(config, tensors: Mapping[str, Any], *, title: str, seed: int = 0):
+    """(model, names kept at init): a model of `config` built once and filled from `tensors`.
+
+    When the tensors cover every leaf the model is built with shapes only (about 10x
+    faster than a real init); a real init only when some leaves keep their own values.
+    """
+    from flax import nnx
+
+    from fedfms_jax.models.sam import build_sam
+
+    if not needs_own_init(config, tensors):
+        model = abstract_model(config)
+        return model, fill_model(model, tensors, title=title)
+    model = build_sam(config, rngs=nnx.Rngs(seed))
+    return model, fill_model(model, tensors, title=title, keep_init=is_added_leaf)
+
+
+def load_model(directory: str | os.PathLike):
+    """(SamConfig, Sam) rebuilt from DIR, every variable filled from the stored params."""
+    doc = read_meta(directory)
+    config = config_from_json(doc["config"])
+    model = abstract_model(config)
+    fill_model(model, read_params(directory),
+               title=f"{directory}: stored parameters do not match the model its {MODEL_JSON} describes:")
     return config, model

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedfms_jax import model_init, results, run_state, workdir as wd
+from fedfms_jax.trained_model import write_final
 from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.deploy.payload import leaves_to_tree
 from fedfms_jax.federated import aggregate
 from fedfms_jax.federated.comm import comm_bytes
-from fedfms_jax.federated.partition import path_to_str
 from fedfms_jax.federated.server_optim import ServerOptimizer
 from fedfms_jax.federated.server_step import server_step
 
@@ -102,6 +102,8 @@ class ServerState:
         return {r["round"]: r for r in self.mlog.records()}
 
     def write_results(self, train_sites: list[str], unseen: str | None, extra: dict) -> dict:
+        """results.json and the portable final/ model, as a simulation run ends."""
+        write_final(self.path, self.cfg, self.engine, self.global_params, round_=self.round)
         records = self.records()
         evals = [records[r]["eval"] for r in sorted(records) if "eval" in records[r]]
         out = results.assemble(self.cfg, train_sites, unseen, initial=records.get(0, {}).get("eval"),
@@ -130,20 +132,3 @@ class Timer:
 
     def __call__(self) -> float:
         return time.time() - self.t0
-
-
-def read_global(workdir: Path, round_: int | None = None) -> dict[str, np.ndarray]:
-    """Global trainable leaves {slash path: array} of a deployed run's checkpoint (latest
-    round unless `round_`), read without rebuilding the model."""
-    import orbax.checkpoint as ocp
-    ckpt = Checkpointer(Path(workdir) / wd.CKPT_DIR)
-    try:
-        step = ckpt.latest_round() if round_ is None else round_
-        if step is None:
-            raise FileNotFoundError(f"{workdir} has no checkpoint")
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    finally:
-        ckpt.close()
-    leaves = jax.tree_util.tree_flatten_with_path(out["state"]["global"])[0]
-    return {path_to_str(kp): np.asarray(x) for kp, x in leaves}

@@ -3,7 +3,7 @@ encoder and mask decoder, with FedFMS's prompt-free and multi-class variants.
 
 Layout is NHWC: images [B,H,W,3], low-res logits [B,H/4,W/4,K] for ViT encoders.
 Attribute names mirror segment_anything's `Sam`, so a PyTorch state dict loads with
-`fedfms_jax.models.torch_state.load_state_dict`.
+`weights_convert.torch_state.load_state_dict`.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ ARGV = ["--config", str(REPO / "configs" / "synthetic.py") + ":tiny=true", "--co
 def test_server_state_resumes_after_restart(tmp_path):
     from fedfms_jax import train
     from fedfms_jax.deploy import protocol
-    from fedfms_jax.deploy.server_state import ServerState, read_global
+    from fedfms_jax.checkpoint import global_params
+    from fedfms_jax.deploy.server_state import ServerState
     cfg, _ = train.parse_config(ARGV)
     cfg["deploy"] = protocol.deploy_options({})
     wd = tmp_path / "run"
@@ -43,8 +44,18 @@ def test_server_state_resumes_after_restart(tmp_path):
     for a, b in zip(jax.tree.leaves(back.server_opt_state), jax.tree.leaves(opt2)):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g0)))
-    flat = read_global(wd)
+    flat = global_params(wd)[1]
     assert set(flat) == set(back.partition.trainable_paths)
+    # The run ends with the same portable final/ model a simulation writes: the global
+    # trained leaves of the last checkpointed round, beside the frozen ones.
+    from fedfms_jax.trained_model import load_trained
+    from weights_convert.store import read_params
+    back.write_results(["site0", "site1", "site2"], None, {})
+    assert load_trained(wd).round == 2
+    stored = read_params(wd / "final")
+    for path, value in zip(back.partition.trainable_paths, back.partition.flatten_trainable(back.global_params)):
+        np.testing.assert_array_equal(np.asarray(stored[path]), np.asarray(value), err_msg=path)
+    assert len(stored) > len(back.partition.trainable_paths)  # frozen leaves are there too
     back.close()
 
     other = dict(cfg, lr=0.5)

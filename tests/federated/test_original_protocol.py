@@ -17,7 +17,7 @@ import torch
 
 from fedfms_jax import model_init, run_config
 from fedfms_jax.federated import aggregate
-from fedfms_jax.models.torch_state import export_state_dict, load_state_dict
+from weights_convert.torch_state import export_state_dict, load_state_dict
 from fedfms_jax.reference.torch_fedfms_decoder import build_torch_fedfms_sam, randomize_
 from fedfms_jax.reference.torch_original_round import OriginalStyleFederation
 from fedfms_jax.run_state import make_engine

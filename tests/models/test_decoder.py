@@ -17,7 +17,7 @@ from flax import nnx  # noqa: E402
 
 from fedfms_jax.models.mask_decoder import MaskDecoder  # noqa: E402
 from fedfms_jax.models.prompt_encoder import PromptEncoder  # noqa: E402
-from fedfms_jax.models.torch_state import export_state_dict, load_state_dict  # noqa: E402
+from weights_convert.torch_state import export_state_dict, load_state_dict  # noqa: E402
 from fedfms_jax.reference.torch_fedfms_decoder import build_torch_fedfms_sam, randomize_  # noqa: E402
 
 IMG = 256  # input image size: 16x16 embedding grid, 64x64 low-res masks

