@@ -19,6 +19,7 @@ from fedfms_jax.data.registry import FEDERATIONS, federation_info
 METHODS = ("fedmsa", "fedsam")
 MODES = ("federated", "centralized", "local")
 CLIENT_LOOPS = ("vmap", "sequential")
+ADAPTER_INITS = ("lecun", "torch_mean")
 ARG_DEFAULTS = dict(method="fedmsa", mode="federated", unseen=0, tiny=False)
 ARG_CHOICES = dict(method=METHODS, mode=MODES)
 # init_from values that name no directory.
@@ -74,6 +75,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_keep = 3
     c.seed = 0
     c.tiny = False             # shrink the run to seconds (see apply_tiny); overrides still win
+    # --- the original's model and training numerics (the "fedfms" protocol sets these)
+    # ViT window padding before norm1, as the MSA/FedFMS originals; False: the order the
+    # init_from weights record, else official SAM's (see model_init).
+    c.model.pad_before_norm1 = False
+    # How adapters the weights lack start: "lecun" (the model's init, one draw) or
+    # "torch_mean" (PyTorch's nn.Linear default drawn per training client, then averaged).
+    c.adapter_init = "lecun"
     return c
 
 
@@ -213,6 +221,7 @@ def validate(cfg) -> None:
             raise UsageError(msg)
     check_geometry(cfg["image_size"], cfg["model"]["encoder"])
     check_init_from(cfg["init_from"])
+    check_original_numerics(cfg)
 
 
 def check_geometry(size: int, encoder: str) -> None:
@@ -223,6 +232,17 @@ def check_geometry(size: int, encoder: str) -> None:
                          f"(and by 4 for the low-res masks)")
     if encoder == "tiny_vit" and size % 64:
         raise UsageError(f"image_size {size} must be a multiple of 64 for the TinyViT encoder")
+
+
+def check_original_numerics(cfg) -> None:
+    """The padding order exists for ViT encoders only; adapters start one way."""
+    m = cfg["model"]
+    if cfg["adapter_init"] not in ADAPTER_INITS:
+        raise UsageError(f"adapter_init must be lecun or torch_mean, got {cfg['adapter_init']!r}")
+    if cfg["adapter_init"] == "torch_mean" and m["adapter_zero_init"]:
+        raise UsageError("adapter_init=torch_mean and model.adapter_zero_init=true contradict each other")
+    if m["pad_before_norm1"] and m["encoder"] == "tiny_vit":
+        raise UsageError("model.pad_before_norm1 applies to ViT encoders only (encoder is tiny_vit)")
 
 
 def check_init_from(init_from: str) -> None:

@@ -159,7 +159,8 @@ def build_run(cfg: dict) -> Run:
     fed = load_federation(cfg)
     train_sites, unseen = resolve_sites(cfg, fed)
     clients, _ = client_sources(cfg, fed, train_sites)
-    _, model, info = model_init.build_model(cfg)
+    # adapter_init="torch_mean": one draw per training client, averaged (centralized: one).
+    _, model, info = model_init.build_model(cfg, adapter_draws=len(clients))
     engine = make_engine(cfg, model)
     if cfg["cache_embeddings"]:
         from fedfms_jax import embedding_cache as ec

@@ -52,10 +52,10 @@ def build_torch_model(cfg):
                                       prompt_free=cfg.prompt_free, adapters=msa)
     from segment_anything.modeling import ImageEncoderViT, PromptEncoder, TwoWayTransformer
 
-    from fedfms_jax.models.image_encoder import VIT_CONFIGS
     from fedfms_jax.reference.torch_msa_encoder import build_torch_msa_encoder
+    from fedfms_jax.reference.vit_table import TORCH_VIT_SIZES
 
-    v = VIT_CONFIGS[cfg.variant]
+    v = TORCH_VIT_SIZES[cfg.variant]
     if msa:
         encoder = build_torch_msa_encoder(cfg.variant, cfg.image_size)
     else:

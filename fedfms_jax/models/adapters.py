@@ -5,8 +5,11 @@ Attribute names `D_fc1` / `D_fc2` mirror the PyTorch original so checkpoint keys
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fedfms_jax.models.common import gelu
@@ -44,3 +47,15 @@ class Adapter(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xs = self.D_fc2(gelu(self.D_fc1(x)))
         return x + xs if self.skip_connect else xs
+
+
+def torch_linear_default(rng: np.random.Generator, fan_in: int, fan_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """One draw of PyTorch's default `nn.Linear` init, in Flax layout (kernel [in, out], bias [out]).
+
+    kaiming_uniform(a=sqrt(5)) on the weight and the bias rule both come to
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the weight is drawn in PyTorch's [out, in] order.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    weight = rng.uniform(-bound, bound, (fan_out, fan_in))
+    bias = rng.uniform(-bound, bound, fan_out)
+    return weight.T, bias

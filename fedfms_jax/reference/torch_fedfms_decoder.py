@@ -16,6 +16,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from fedfms_jax.reference.vit_table import TORCH_VIT_SIZES
+
 
 def ensure_segment_anything_importable() -> None:
     """segment_anything imports torchvision (transforms.functional, ops.boxes) at package
@@ -165,18 +167,16 @@ def build_torch_fedfms_sam(variant: str = "vit_b", img_size: int = 1024, num_cla
                            pad_before_norm1: bool = True) -> TorchFedFMSSam:
     """Official segment_anything parts (randomly initialised) assembled as FedFMS uses them.
 
-    variant: a key of fedfms_jax.models.image_encoder.VIT_CONFIGS (vit_b/l/h with
+    variant: a key of fedfms_jax.reference.vit_table.TORCH_VIT_SIZES (vit_b/l/h with
     segment_anything's settings, vit_tiny for tests). adapters=True uses the MSA encoder
     of fedfms_jax.reference.torch_msa_encoder (with the originals' `pad_before_norm1`).
     `encoder` overrides both: any module mapping [B,3,H,W] to [B,C,H/16,W/16] (then
     `embed_dim` = C, default 256). Prompt encoder and decoder widths follow C as in
     segment_anything (mlp 8C, IoU head C; 256 -> 2048, 256).
     """
-    from fedfms_jax.models.image_encoder import VIT_CONFIGS
-
-    if variant not in VIT_CONFIGS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VIT_CONFIGS)}")
-    vcfg = VIT_CONFIGS[variant]
+    if variant not in TORCH_VIT_SIZES:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(TORCH_VIT_SIZES)}")
+    vcfg = TORCH_VIT_SIZES[variant]
     if img_size % vcfg.patch_size:
         raise ValueError(f"img_size {img_size} must be a multiple of the patch size {vcfg.patch_size}")
     if encoder is None:

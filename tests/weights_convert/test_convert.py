@@ -11,7 +11,7 @@ from weights_convert.__main__ import main
 from weights_convert.convert import NON_PERSISTENT
 from weights_convert.store import load_model, model_variables, path_name, save_weights
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 SIZE = 160  # vit_tiny: a 10x10 token grid, windows of 4, global blocks 1 and 3
 
 

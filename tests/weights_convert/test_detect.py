@@ -8,7 +8,7 @@ from tests.weights_convert._sam_import import import_segment_anything
 from weights_convert.detect import detect
 from weights_convert.tensorfile import CheckpointError
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 
 def _shapes(module) -> dict:

@@ -15,7 +15,7 @@ from weights_convert.export import write_pth
 from weights_convert.pth import UnsafeCheckpointError, load_checkpoint, read_pth
 from weights_convert.tensorfile import CheckpointError, PendingTensor, read_safetensors, write_safetensors
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 

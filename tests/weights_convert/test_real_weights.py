@@ -9,7 +9,7 @@ from tests.weights_convert._sam_import import import_segment_anything
 from weights_convert.__main__ import main
 from weights_convert.verify import verify_checkpoint
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 
 @pytest.mark.slow

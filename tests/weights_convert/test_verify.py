@@ -6,7 +6,7 @@ from tests.weights_convert._states import random_state, save_torch
 from weights_convert.__main__ import main
 from weights_convert.verify import verify_checkpoint
 
-pytest.importorskip("torch")
+import torch  # noqa: E402,F401  (torch is a test dependency: fail, never skip, without it)
 
 
 def _config(**kw):
