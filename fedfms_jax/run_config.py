@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_keep = 3
     c.seed = 0
     c.tiny = False             # shrink the run to seconds (see apply_tiny); overrides still win
+    add_protocol_fields(c)
     return c
 
 
@@ -93,6 +94,8 @@ def federation_config(federation: str, arg: str | None = None) -> ml_collections
     c.model.adapters = args["method"] == "fedmsa"
     if info.paper:  # FedSAM/FedMSA fine-tune SAM: never a random ViT-B unless asked for
         c.init_from = SAM_VIT_B_DIR
+    c.protocol = "fedfms" if info.paper else "clean"
+    apply_protocol(c)
     c.tiny = args["tiny"]
     return c
 
@@ -116,6 +119,44 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.num_overlays = 2
     c.lr = 1e-3
     c.sites = ()
+    c.protocol = "clean"
+
+
+# ------------------------------------------------------------------------------ protocol: data side
+# The original FedFMS code differs from today's clean choices in ways that change results;
+# `protocol` picks one side for every such field at once (README "Protocol"). An explicit
+# --config.<field>= still wins: config_cli applies the preset before the overrides.
+PROTOCOLS = ("fedfms", "clean")
+PROTOCOL_DATA_FIELDS = {      # field: (its value under fedfms, under clean, allowed values)
+    "fundus_disc": ("rim", "full", ("rim", "full")),          # disc channel: disc minus cup, or whole disc
+    "val_split": ("original", "patient", ("original", "patient")),  # data/preprocess.VAL_SPLITS
+    "slice_orientation": ("xy", "yx", ("xy", "yx")),        # prostate slices [X, Y] or [Y, X]
+    "resize": ("cv2", "pil", ("cv2", "pil")),                # data/preprocess.RESIZES
+    "client_weights": ("rounded", "exact", ("rounded", "exact")),  # federated/fedavg_weights
+}
+
+
+def add_protocol_fields(c: ml_collections.ConfigDict) -> None:
+    c.protocol = "clean"
+    for field, (_, clean, _) in PROTOCOL_DATA_FIELDS.items():
+        setattr(c, field, clean)
+
+
+def apply_protocol(c: ml_collections.ConfigDict) -> None:
+    """Set every protocol field to the preset `c.protocol` names (unknown names: validate says)."""
+    if c.get("protocol") not in PROTOCOLS:
+        return
+    side = PROTOCOLS.index(c.protocol)
+    for field, values in PROTOCOL_DATA_FIELDS.items():
+        setattr(c, field, values[side])
+
+
+def check_protocol(cfg) -> None:
+    if cfg["protocol"] not in PROTOCOLS:
+        raise UsageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg['protocol']!r}")
+    for field, (_, _, allowed) in PROTOCOL_DATA_FIELDS.items():
+        if cfg[field] not in allowed:
+            raise UsageError(f"{field} must be one of {', '.join(allowed)}, got {cfg[field]!r}")
 
 
 # ------------------------------------------------------------------------------ text values
@@ -211,6 +252,7 @@ def validate(cfg) -> None:
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
+    check_protocol(cfg)
     check_geometry(cfg["image_size"], cfg["model"]["encoder"])
     check_init_from(cfg["init_from"])
 
