@@ -164,11 +164,7 @@ def linear_taps_cv2(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     half-pixel centres, src = (dst + 0.5) * scale - 0.5, clamped at the borders."""
     pos = (np.arange(dst) + 0.5) * (src / dst) - 0.5
     lo = np.floor(pos).astype(np.int64)
-    frac = pos - lo
-    frac = np.where(lo < 0, 0.0, frac)
-    lo = np.clip(lo, 0, src - 1)
-    frac = np.where(lo >= src - 1, 0.0, frac)
-    return lo, np.minimum(lo + 1, src - 1), frac
+    return np.clip(lo, 0, src - 1), np.clip(lo + 1, 0, src - 1), pos - lo
 
 
 def resize_linear_cv2(image: np.ndarray, size: int) -> np.ndarray:
