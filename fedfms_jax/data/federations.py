@@ -45,6 +45,13 @@ def builder_options(name: str, *, fundus_disc: str = "full", val_split: str = "p
     return opts
 
 
+def data_slice_orientation(name: str, slice_orientation: str) -> str:
+    """How federation `name`'s prepared slices are laid out under a config's `slice_orientation`
+    (what a trained model's model.json records for `predict`): the field where the builder
+    takes it (prostate), else "yx" (FeTS is sliced [Y, X] as the original's SimpleITK does)."""
+    return builder_options(name, slice_orientation=slice_orientation).get("slice_orientation", "yx")
+
+
 def get_federation(name: str, *, image_size: int, data_dir=None, manual_dir=None, **kw) -> Federation:
     """Sources of every site of federation `name` at `image_size` (masks at image_size // 4).
 
@@ -58,5 +65,5 @@ def get_federation(name: str, *, image_size: int, data_dir=None, manual_dir=None
     return load_federation(name, image_size=image_size, data_dir=data_dir, manual_dir=manual_dir, **kw)
 
 
-__all__ = ["Federation", "ConcatSource", "Source", "builder_options", "get_federation", "synthetic_federation", "FEDERATIONS",
+__all__ = ["Federation", "ConcatSource", "Source", "builder_options", "data_slice_orientation", "get_federation", "synthetic_federation", "FEDERATIONS",
            "DataError"]
