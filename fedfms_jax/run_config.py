@@ -124,8 +124,10 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
 
 # ------------------------------------------------------------------------------ protocol: data side
 # The original FedFMS code differs from today's clean choices in ways that change results;
-# `protocol` picks one side for every such field at once (README "Protocol"). An explicit
-# --config.<field>= still wins: config_cli applies the preset before the overrides.
+# `protocol` picks one side for every such field at once (README "Protocol"): federation_config
+# applies it, and config_cli again when --config.protocol is given or tiny makes it "clean",
+# before the overrides, so an explicit --config.<field>= still wins. A trained model's
+# slice layout is data.federations.data_slice_orientation(federation, slice_orientation).
 PROTOCOLS = ("fedfms", "clean")
 PROTOCOL_DATA_FIELDS = {      # field: (its value under fedfms, under clean, allowed values)
     "fundus_disc": ("rim", "full", ("rim", "full")),          # disc channel: disc minus cup, or whole disc

@@ -65,5 +65,5 @@ def get_federation(name: str, *, image_size: int, data_dir=None, manual_dir=None
     return load_federation(name, image_size=image_size, data_dir=data_dir, manual_dir=manual_dir, **kw)
 
 
-__all__ = ["Federation", "ConcatSource", "Source", "builder_options", "data_slice_orientation", "get_federation", "synthetic_federation", "FEDERATIONS",
-           "DataError"]
+__all__ = ["Federation", "ConcatSource", "Source", "builder_options", "data_slice_orientation", "get_federation",
+           "synthetic_federation", "FEDERATIONS", "DataError"]
