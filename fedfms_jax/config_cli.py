@@ -96,12 +96,18 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[tuple[st
 
 
 def load_training_config(spec: str, overrides: Sequence[tuple[str, str]]) -> ml_collections.ConfigDict:
-    """The config file's config with the overrides, shrunk when `tiny` (overrides still win)."""
+    """The config file's config with the overrides, shrunk when `tiny`; a `protocol` named
+    on the command line (or tiny's "clean") resets the preset's fields. Overrides still win."""
     cfg = load_config_file(spec)
     apply_overrides(cfg, overrides)
-    if cfg.get("tiny"):  # a config without the field is no training config: validate says so
+    tiny = cfg.get("tiny")  # a config without the field is no training config: validate says so
+    named_protocol = [(k, v) for k, v in overrides if k == "protocol"]
+    if tiny or named_protocol:
         with cfg.unlocked():
-            run_config.apply_tiny(cfg)
+            if tiny:
+                run_config.apply_tiny(cfg)
+            apply_overrides(cfg, named_protocol)
+            run_config.apply_protocol(cfg)
         apply_overrides(cfg, overrides)
     return cfg
 

@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     # How adapters the weights lack start: "lecun" (the model's init, one draw) or
     # "torch_mean" (PyTorch's nn.Linear default drawn per training client, then averaged).
     c.adapter_init = "lecun"
+    add_protocol_fields(c)
     return c
 
 
@@ -101,6 +102,8 @@ def federation_config(federation: str, arg: str | None = None) -> ml_collections
     c.model.adapters = args["method"] == "fedmsa"
     if info.paper:  # FedSAM/FedMSA fine-tune SAM: never a random ViT-B unless asked for
         c.init_from = SAM_VIT_B_DIR
+    c.protocol = "fedfms" if info.paper else "clean"
+    apply_protocol(c)
     c.tiny = args["tiny"]
     return c
 
@@ -124,6 +127,51 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.num_overlays = 2
     c.lr = 1e-3
     c.sites = ()
+    c.protocol = "clean"
+
+
+# ------------------------------------------------------------------------------ protocol: data side
+# The original FedFMS code differs from today's clean choices in ways that change results;
+# `protocol` picks one side for every such field at once (README "Protocol"): federation_config
+# applies it, and config_cli again when --config.protocol is given or tiny makes it "clean",
+# before the overrides, so an explicit --config.<field>= still wins. A trained model's
+# slice layout is data.federations.data_slice_orientation(federation, slice_orientation).
+PROTOCOLS = ("fedfms", "clean")
+PROTOCOL_DATA_FIELDS = {      # field: (its value under fedfms, under clean, allowed values)
+    "fundus_disc": ("rim", "full", ("rim", "full")),          # disc channel: disc minus cup, or whole disc
+    "val_split": ("original", "patient", ("original", "patient")),  # data/preprocess.VAL_SPLITS
+    "slice_orientation": ("xy", "yx", ("xy", "yx")),        # prostate slices [X, Y] or [Y, X]
+    "resize": ("cv2", "pil", ("cv2", "pil")),                # data/preprocess.RESIZES
+    "client_weights": ("rounded", "exact", ("rounded", "exact")),  # federated/fedavg_weights
+}
+
+
+def add_protocol_fields(c: ml_collections.ConfigDict) -> None:
+    c.protocol = "clean"
+    for field, (_, clean, _) in PROTOCOL_DATA_FIELDS.items():
+        setattr(c, field, clean)
+
+
+def apply_protocol(c: ml_collections.ConfigDict) -> None:
+    """Set every protocol field to the preset `c.protocol` names (unknown names: validate says)."""
+    if c.get("protocol") not in PROTOCOLS:
+        return
+    side = PROTOCOLS.index(c.protocol)
+    for field, values in PROTOCOL_DATA_FIELDS.items():
+        setattr(c, field, values[side])
+    # Model side: the MSA original pads windows before norm1 (a ViT's FedMSA only), and
+    # starts from the mean of every client's PyTorch-default adapter draw.
+    original = c.protocol == "fedfms"
+    c.model.pad_before_norm1 = original and c.method == "fedmsa" and c.model.encoder != "tiny_vit"
+    c.adapter_init = "torch_mean" if original else "lecun"
+
+
+def check_protocol(cfg) -> None:
+    if cfg["protocol"] not in PROTOCOLS:
+        raise UsageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg['protocol']!r}")
+    for field, (_, _, allowed) in PROTOCOL_DATA_FIELDS.items():
+        if cfg[field] not in allowed:
+            raise UsageError(f"{field} must be one of {', '.join(allowed)}, got {cfg[field]!r}")
 
 
 # ------------------------------------------------------------------------------ text values
@@ -219,6 +267,7 @@ def validate(cfg) -> None:
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
+    check_protocol(cfg)
     check_geometry(cfg["image_size"], cfg["model"]["encoder"])
     check_init_from(cfg["init_from"])
     check_original_numerics(cfg)

@@ -40,11 +40,13 @@ def enable_compilation_cache() -> None:
 
 # ------------------------------------------------------------------------------ data
 def load_federation(cfg: dict):
-    from fedfms_jax.data.federations import get_federation
-    kw = {}
+    from fedfms_jax.data.federations import builder_options, get_federation
     if cfg["federation"] == "synthetic":
         kw = dict(num_sites=cfg["synthetic_sites"], images_per_site=cfg["synthetic_images"],
                   num_classes=cfg["num_classes"], seed=cfg["seed"])
+    else:  # the protocol's data fields (run_config.PROTOCOL_DATA_FIELDS) as builder options
+        kw = builder_options(cfg["federation"], fundus_disc=cfg["fundus_disc"], val_split=cfg["val_split"],
+                             slice_orientation=cfg["slice_orientation"], resize=cfg["resize"])
     try:
         fed = get_federation(cfg["federation"], image_size=cfg["image_size"],
                              data_dir=cfg["data_dir"] or None, manual_dir=cfg["manual_dir"] or None, **kw)

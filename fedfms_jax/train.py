@@ -26,6 +26,7 @@ from fedfms_jax.cli_errors import DivergedError, run_cli
 from fedfms_jax.evaluation import evaluate_federation, format_table
 from fedfms_jax.federated.comm import comm_bytes
 from fedfms_jax.trained_model import write_final
+from fedfms_jax.federated.fedavg_weights import fedavg_weights
 
 
 # ===================================================================================== config
@@ -74,8 +75,7 @@ def main(argv: Sequence[str]) -> int:
         f"params; {len(engine.mesh.devices.flat)} device(s)")
     sources = run_state.client_sources(cfg, fed, run.train_sites)[1]
     loader = run_state.make_loader(cfg, sources)
-    weights = np.asarray(loader.num_samples, np.float32)
-    weights = weights / weights.sum()  # FedAvg weighted by training samples
+    weights = fedavg_weights(loader.num_samples, cfg["client_weights"])  # shares of the training samples
     bytes_each_way = comm_bytes(engine.partition)
 
     # ------------------------------------------------------------------------- checkpoint

@@ -11,7 +11,7 @@ manual download; "nuclei_demo" is prepared from files fetched from package wheel
 from __future__ import annotations
 
 from fedfms_jax.data import synthetic
-from fedfms_jax.data.builders import load_federation
+from fedfms_jax.data.builders import builder_class, load_federation
 from fedfms_jax.data.errors import DataError
 from fedfms_jax.data.registry import FEDERATIONS, federation_info
 from fedfms_jax.data.sources import ConcatSource, Federation, Source
@@ -30,6 +30,28 @@ def synthetic_federation(*, image_size: int, num_sites: int = 4, images_per_site
     return Federation("synthetic", sites, num_classes, image_size, splits)
 
 
+def builder_options(name: str, *, fundus_disc: str = "full", val_split: str = "patient",
+                    slice_orientation: str = "yx", resize: str = "pil") -> dict:
+    """The builder options that a training config's data protocol fields (run_config
+    PROTOCOL_DATA_FIELDS) select for federation `name`; none for in-memory federations."""
+    if federation_info(name).builder is None:
+        return {}
+    opts = {"val_split": val_split, "resize": resize}
+    own = builder_class(name).OPTIONS
+    if "disc_excludes_cup" in own:
+        opts["disc_excludes_cup"] = fundus_disc == "rim"  # the rim: disc minus cup
+    if "slice_orientation" in own:
+        opts["slice_orientation"] = slice_orientation
+    return opts
+
+
+def data_slice_orientation(name: str, slice_orientation: str) -> str:
+    """How federation `name`'s prepared slices are laid out under a config's `slice_orientation`
+    (what a trained model's model.json records for `predict`): the field where the builder
+    takes it (prostate), else "yx" (FeTS is sliced [Y, X] as the original's SimpleITK does)."""
+    return builder_options(name, slice_orientation=slice_orientation).get("slice_orientation", "yx")
+
+
 def get_federation(name: str, *, image_size: int, data_dir=None, manual_dir=None, **kw) -> Federation:
     """Sources of every site of federation `name` at `image_size` (masks at image_size // 4).
 
@@ -43,5 +65,5 @@ def get_federation(name: str, *, image_size: int, data_dir=None, manual_dir=None
     return load_federation(name, image_size=image_size, data_dir=data_dir, manual_dir=manual_dir, **kw)
 
 
-__all__ = ["Federation", "ConcatSource", "Source", "get_federation", "synthetic_federation", "FEDERATIONS",
-           "DataError"]
+__all__ = ["Federation", "ConcatSource", "Source", "builder_options", "data_slice_orientation", "get_federation",
+           "synthetic_federation", "FEDERATIONS", "DataError"]

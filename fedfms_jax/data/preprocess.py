@@ -1,7 +1,8 @@
 """Shared preprocessing: reading raw files, intensity scaling, resizing, splitting by patient.
 
 Follows the original's recipe: MR/CT intensities clipped at the 99th percentile and scaled to
-0-255, grey -> 3 channels, image resized bilinearly to S, mask by nearest neighbour to S/4.
+0-255, grey -> 3 channels, image resized bilinearly to S, mask by nearest neighbour to S/4
+(PIL's resampling, or the original's cv2 rules reimplemented: `RESIZES`).
 Every reader raises DataError naming the file it could not read.
 """
 from __future__ import annotations
@@ -124,28 +125,67 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 # -- geometry -----------------------------------------------------------------------------
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+# How images and masks are resized: "pil" (PIL bilinear, antialiased when shrinking; masks
+# sampled at pixel centres) or "cv2" (the original's cv2.resize: INTER_LINEAR without
+# antialiasing, INTER_NEAREST taking floor(dst * scale)), reimplemented in numpy.
+RESIZES = ("pil", "cv2")
+
+
+def resize_image(image: np.ndarray, size: int, method: str = "pil") -> np.ndarray:
     """[H,W,3] uint8 -> [size,size,3] uint8, bilinear."""
+    if method == "cv2":
+        return resize_linear_cv2(image, size)
     if image.shape[:2] == (size, size):
         return np.ascontiguousarray(image)
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """[H,W,C] {0,1} -> [size,size,C] uint8 by nearest neighbour (pixel-centre sampling)."""
+def resize_mask(mask: np.ndarray, size: int, method: str = "pil") -> np.ndarray:
+    """[H,W,C] {0,1} -> [size,size,C] uint8 by nearest neighbour."""
     mask = np.asarray(mask)
     if mask.ndim == 2:
         mask = mask[..., None]
     h, w = mask.shape[:2]
-    rows = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
+    if method == "cv2":
+        rows, cols = nearest_index_cv2(h, size), nearest_index_cv2(w, size)
+    else:  # pixel-centre sampling
+        rows = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
+        cols = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
     return np.ascontiguousarray((mask[rows][:, cols] != 0).astype(np.uint8))
 
 
-def example(image: np.ndarray, mask: np.ndarray, image_size: int, case_id: str) -> dict:
+def nearest_index_cv2(src: int, dst: int) -> np.ndarray:
+    """cv2 INTER_NEAREST's source index of each output pixel: floor(dst * src/dst), no half-pixel offset."""
+    return np.minimum(np.floor(np.arange(dst) * (src / dst)).astype(np.int64), src - 1)
+
+
+def linear_taps_cv2(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """cv2 INTER_LINEAR's two source indices and the second one's weight per output pixel:
+    half-pixel centres, src = (dst + 0.5) * scale - 0.5, clamped at the borders."""
+    pos = (np.arange(dst) + 0.5) * (src / dst) - 0.5
+    lo = np.floor(pos).astype(np.int64)
+    return np.clip(lo, 0, src - 1), np.clip(lo + 1, 0, src - 1), pos - lo
+
+
+def resize_linear_cv2(image: np.ndarray, size: int) -> np.ndarray:
+    """[H,W(,C)] uint8 -> [size,size(,C)] uint8 like cv2.resize(INTER_LINEAR): no antialiasing
+    when shrinking. Weights are exact here (cv2 rounds them to 1/2048): within 1 grey level."""
+    image = np.asarray(image)
+    h, w = image.shape[:2]
+    y0, y1, fy = linear_taps_cv2(h, size)
+    x0, x1, fx = linear_taps_cv2(w, size)
+    shape = (-1,) + (1,) * (image.ndim - 1)
+    src = image.astype(np.float64)
+    rows = src[y0] * (1.0 - fy.reshape(shape)) + src[y1] * fy.reshape(shape)
+    shape = (1, -1) + (1,) * (image.ndim - 2)
+    out = rows[:, x0] * (1.0 - fx.reshape(shape)) + rows[:, x1] * fx.reshape(shape)
+    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+
+
+def example(image: np.ndarray, mask: np.ndarray, image_size: int, case_id: str, resize: str = "pil") -> dict:
     """A finished example: RGB image at S, binary mask at S/4."""
-    return {"image": resize_image(to_rgb(image), image_size),
-            "mask": resize_mask(mask, image_size // 4), "case_id": case_id}
+    return {"image": resize_image(to_rgb(image), image_size, resize),
+            "mask": resize_mask(mask, image_size // 4, resize), "case_id": case_id}
 
 
 # -- files and splits ---------------------------------------------------------------------
@@ -184,6 +224,30 @@ def split_cases(case_ids: Sequence[str], val_fraction: float, seed: int, site: s
     ordered = sorted(unique, key=key)
     n_val = min(len(unique) - 1, max(1, int(round(val_fraction * len(unique)))))
     return set(ordered[n_val:]), set(ordered[:n_val])
+
+
+# How each site's validation part is chosen: "patient" (split_cases: patient-disjoint,
+# max(1, round(10%))) or "original" (the FedFMS scripts: int(0.1 * n) random images of
+# 2-D data, n // 10 + 1 random volumes of volume data).
+VAL_SPLITS = ("patient", "original")
+
+
+def original_val_count(n: int, unit: str) -> int:
+    """How many of a site's n units the original moves to validation ("image" | "volume")."""
+    if unit == "volume":
+        return min(n, n // 10 + 1)  # divide_val_nii.py: random.sample(volumes, n // 10 + 1)
+    if unit == "image":
+        return int(0.1 * n)         # divide_val.py: int(len(images) * 0.1); n < 10 -> none
+    raise ValueError(f"split unit must be 'image' or 'volume', got {unit!r}")
+
+
+def split_original(unit_ids: Sequence[str], unit: str, seed: int, site: str) -> tuple[list[int], list[int]]:
+    """(train, val) positions of a site's units under the original's rule; which units go
+    to validation is a seeded hash order (the original's random.sample cannot be replayed)."""
+    key = lambda i: hashlib.sha256(f"{seed}/{site}/{unit_ids[i]}/{i}".encode()).hexdigest()  # noqa: E731
+    ordered = sorted(range(len(unit_ids)), key=key)
+    n_val = original_val_count(len(unit_ids), unit)
+    return sorted(ordered[n_val:]), sorted(ordered[:n_val])
 
 
 def sanitize(name: str) -> str:

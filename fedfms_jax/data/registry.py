@@ -31,7 +31,7 @@ FEDERATIONS: dict[str, FederationInfo] = {f.name: f for f in (
     FederationInfo("fundus", ("REFUGE", "ORIGA", "G1020", "Drishti-GS1"), 2, 4, 6,
                    "fundus:FedfmsFundus", paper=True),
     FederationInfo("nuclei", ("PanNuke2Adrenal_gland", "PanNuke2Esophagus", "PanNuke3Bile-duct",
-                              "PanNuke3Uterus", "MoNuSAC2020", "TNBC", "MoNuSAC2018"), 1, 4, 6,
+                              "PanNuke3Uterus", "MoNuSAC2020", "TNBC", "MoNuSAC2018"), 1, 4, 4,
                    "nuclei:FedfmsNuclei", paper=True),
     FederationInfo("fets", ("1", "6", "18", "21"), 1, 8, 6, "fets:FedfmsFets", paper=True),
     FederationInfo("ctlung", ("1", "2", "3", "4", "5"), 1, 4, 6, "ctlung:FedfmsCtlung", paper=True),

@@ -22,6 +22,8 @@ from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.deploy.payload import leaves_to_tree
 from fedfms_jax.federated import aggregate
 from fedfms_jax.federated.comm import comm_bytes
+from fedfms_jax.federated.fedavg_weights import fedavg_weights
+from fedfms_jax.federated.partition import path_to_str
 from fedfms_jax.federated.server_optim import ServerOptimizer
 from fedfms_jax.federated.server_step import server_step
 
@@ -76,9 +78,9 @@ class ServerState:
         return [np.asarray(x) for x in self.partition.flatten_trainable(self.global_params)]
 
     def weights(self, num_samples: Sequence[int], total_samples: int) -> np.ndarray:
-        """FedAvg weights as the simulation computes them: samples / all training samples."""
-        w = np.asarray(num_samples, np.float32)
-        return w / np.float32(total_samples)
+        """FedAvg weights as the simulation computes them: shares of all training samples
+        under the config's client_weights rule."""
+        return fedavg_weights(num_samples, self.cfg["client_weights"], total=total_samples)
 
     def step(self, updates: Sequence[Sequence[np.ndarray]], weights: Sequence[float]) -> np.ndarray:
         """One server step on the clients' update leaves (none: the global model stays);

@@ -74,3 +74,20 @@ def test_fundus_errors(raw, tmp_path):
     shutil.rmtree(broken / "ORIGA")
     with pytest.raises(DataError, match=r"missing site folder .*ORIGA.*expected layout.*REFUGE"):
         get_federation("fundus", image_size=64, data_dir=tmp_path / "c", manual_dir=broken)
+
+
+def test_fundus_protocol_fedfms_rim_and_original_split(raw, tmp_path):
+    from fedfms_jax.data.federations import builder_options
+    full = get_federation("fundus", image_size=64, data_dir=tmp_path, manual_dir=raw,
+                          **builder_options("fundus", fundus_disc="full", val_split="original"))
+    rim = get_federation("fundus", image_size=64, data_dir=tmp_path, manual_dir=raw,
+                         **builder_options("fundus", fundus_disc="rim", val_split="original"))
+    for site in SITES:
+        assert len(rim.train(site)) == 4 and len(rim.val(site)) == 0  # int(0.1 * 4) = 0 images
+        for i in range(4):
+            f, r = full.train(site)[i], rim.train(site)[i]
+            assert f["case_id"] == r["case_id"]
+            disc, cup = f["mask"][..., 0].astype(bool), f["mask"][..., 1].astype(bool)
+            np.testing.assert_array_equal(r["mask"][..., 0], disc & ~cup)  # the rim: disc minus cup
+            np.testing.assert_array_equal(r["mask"][..., 1], cup)
+            assert (disc & cup).any()

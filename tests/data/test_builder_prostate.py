@@ -72,3 +72,29 @@ def test_split_options_and_unknown_option(raw, tmp_path):
     assert len(fed.val("BIDMC")) == 10  # round(0.5 * 3) = 2 of 3 volumes
     with pytest.raises(TypeError, match="modality"):
         get_federation("prostate", image_size=32, data_dir=tmp_path, manual_dir=raw, modality="t2")
+
+
+def test_prostate_slice_orientation_and_original_split(raw, tmp_path):
+    from fedfms_jax.data import preprocess
+    from fedfms_jax.data.federations import builder_options
+    opts = dict(val_split="original", resize="cv2")
+    xy = get_federation("prostate", image_size=64, data_dir=tmp_path, manual_dir=raw,
+                        **builder_options("prostate", slice_orientation="xy", **opts))
+    yx = get_federation("prostate", image_size=64, data_dir=tmp_path, manual_dir=raw,
+                        **builder_options("prostate", slice_orientation="yx", **opts))
+    for site in SITES:  # n // 10 + 1 = 1 whole volume of 5 slices (UCL's only one, as the original)
+        assert len(xy.val(site)) == 5 and len(xy.train(site)) == (0 if site == "UCL" else 10)
+    ex_xy = {e["case_id"]: e for e in (xy.train("HK")[i] for i in range(10))}
+    ex_yx = {e["case_id"]: e for e in (yx.train("HK")[i] for i in range(10))}
+    assert ex_xy.keys() == ex_yx.keys()
+    case_id = sorted(ex_xy)[2]  # a slice with prostate
+    volume, z = case_id.split("/")
+    vol = preprocess.clip_scale(preprocess.read_nifti(raw / "HK" / "images" / f"{volume}.nii.gz"))
+    lab = preprocess.read_nifti(raw / "HK" / "labels" / f"{volume}.nii.gz")
+    rows_x = vol[:, :, int(z)]  # [X, Y] = [20, 24]: rows are X, as nibabel's vol[:, :, z]
+    np.testing.assert_array_equal(ex_xy[case_id]["image"], preprocess.resize_image(preprocess.to_rgb(rows_x), 64, "cv2"))
+    np.testing.assert_array_equal(ex_xy[case_id]["mask"][..., 0],
+                                  preprocess.resize_mask(lab[:, :, int(z)] > 0.5, 16, "cv2")[..., 0])
+    assert ex_xy[case_id]["mask"].any()
+    for key in ex_xy:  # "yx" is the same slice transposed: [Y, X]
+        np.testing.assert_array_equal(ex_yx[key]["image"], ex_xy[key]["image"].transpose(1, 0, 2))

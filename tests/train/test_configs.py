@@ -38,7 +38,7 @@ def test_federation_variants(name, method, mode, sam_weights_here):
     assert cfg["unseen"] == 1 and cfg["model"]["adapters"] == (method == "fedmsa")
     assert cfg["lr"] == 1e-4 and cfg["pos_weight"] == 2.0 and cfg["image_size"] == 1024
     assert cfg["num_classes"] == (2 if name == "fundus" else 1)
-    expected_batch = {"fedsam": 6, "fedmsa": 8 if name == "fets" else 4}[method]
+    expected_batch = {"fedsam": 4 if name == "nuclei" else 6, "fedmsa": 8 if name == "fets" else 4}[method]  # the original's scripts
     assert cfg["batch_size"] == expected_batch
     assert workdir.name == cfg["name"]
 
@@ -170,6 +170,67 @@ def test_bad_config_is_one_line_exit_2(argv, needle, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------- protocol: the original's data rules
+FEDFMS_DATA = dict(fundus_disc="rim", val_split="original", slice_orientation="xy", resize="cv2",
+                   client_weights="rounded")
+CLEAN_DATA = dict(fundus_disc="full", val_split="patient", slice_orientation="yx", resize="pil",
+                  client_weights="exact")
+
+
+def data_fields(cfg) -> dict:
+    return {k: cfg[k] for k in FEDFMS_DATA}
+
+
+@pytest.mark.parametrize("name", FEDERATIONS)
+def test_paper_configs_follow_the_original_protocol(name, sam_weights_here):
+    cfg, _ = parse_config(["--config", name])
+    assert cfg["protocol"] == "fedfms" and data_fields(cfg) == FEDFMS_DATA
+    cfg, _ = parse_config(["--config", name, "--config.protocol=clean"])
+    assert cfg["protocol"] == "clean" and data_fields(cfg) == CLEAN_DATA
+
+
+@pytest.mark.parametrize("argv", [TINY, ["--config", "demo"], ["--config", "synthetic"],
+                                  ["--config", "prostate:tiny=true"], ["--config", "fundus", "--config.tiny=true"]])
+def test_synthetic_demo_and_tiny_stay_clean(argv, sam_weights_here):
+    cfg, _ = parse_config(argv)
+    assert cfg["protocol"] == "clean" and data_fields(cfg) == CLEAN_DATA
+
+
+def test_an_explicit_field_wins_over_the_protocol(sam_weights_here):
+    cfg, _ = parse_config(["--config", "prostate", "--config.resize=pil", "--config.protocol=fedfms"])
+    assert data_fields(cfg) == dict(FEDFMS_DATA, resize="pil")
+    cfg, _ = parse_config(["--config", "fundus", "--config.val_split=original", "--config.protocol=clean"])
+    assert data_fields(cfg) == dict(CLEAN_DATA, val_split="original")
+    cfg, _ = parse_config([*TINY, "--config.protocol=fedfms", "--config.client_weights=exact"])
+    assert data_fields(cfg) == dict(FEDFMS_DATA, client_weights="exact")  # tiny, the original's rules asked for
+
+
+def test_the_nuclei_fedsam_batch_is_the_originals(sam_weights_here):
+    assert parse_config(["--config", "nuclei:method=fedsam"])[0]["batch_size"] == 4
+    assert parse_config(["--config", "nuclei:method=fedmsa"])[0]["batch_size"] == 4
+
+
+@pytest.mark.parametrize("field,value", [("protocol", "paper"), ("fundus_disc", "cup"), ("val_split", "random"),
+                                         ("slice_orientation", "zx"), ("resize", "cubic"),
+                                         ("client_weights", "uniform")])
+def test_bad_protocol_values_are_one_line_exit_2(field, value, capsys, tmp_path):
+    code = run_cli(train.main, [*TINY, f"--config.{field}={value}", "--workdir", str(tmp_path / "run")], "train")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"{field} must be one of" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_protocol_fields_reach_the_builder_options():
+    from fedfms_jax.data.federations import builder_options, data_slice_orientation
+    assert builder_options("fundus", **{k: FEDFMS_DATA[k] for k in ("fundus_disc", "val_split", "resize")}) == dict(
+        disc_excludes_cup=True, val_split="original", resize="cv2")
+    assert builder_options("prostate", slice_orientation="xy") == dict(
+        slice_orientation="xy", val_split="patient", resize="pil")
+    assert builder_options("fets", slice_orientation="xy") == dict(val_split="patient", resize="pil")
+    assert builder_options("synthetic", resize="cv2") == {}
+    assert data_slice_orientation("prostate", "xy") == "xy" and data_slice_orientation("fets", "xy") == "yx"
 
 
 # ------------------------------------------------------------------- the paper configs' weights

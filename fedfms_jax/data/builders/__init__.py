@@ -58,12 +58,16 @@ def default_data_dir() -> str:
 
 
 def make_builder(name: str, *, image_size: int, data_dir=None, **kw):
+    """The builder of federation `name`. Options left at their default are dropped, so a
+    builder config's name (and its prepared data) only changes with a non-default option."""
     from fedfms_jax.data.builders.base import make_config
     cls = builder_class(name)
-    unknown = set(kw) - {"val_fraction", "split_seed"} - set(cls.OPTIONS)
+    known = dict(cls.BASE_OPTIONS, **cls.OPTIONS)
+    unknown = set(kw) - {"val_fraction", "split_seed"} - set(known)
     if unknown:
         raise TypeError(f"{name} takes no option(s) {sorted(unknown)}; options: "
-                        f"val_fraction, split_seed{''.join(', ' + k for k in cls.OPTIONS)}")
+                        f"val_fraction, split_seed{''.join(', ' + k for k in known)}")
+    kw = {k: v for k, v in kw.items() if k not in known or v != known[k]}
     config = make_config(image_size, **kw)
     predefined = {c.name for c in cls.BUILDER_CONFIGS}
     return cls(config=config.name if config.name in predefined else config,

@@ -5,6 +5,10 @@ each case a patient/volume/image that never straddles the train/val split) and h
 turns into (image, mask) pairs; this base class splits cases per site with a seeded hash,
 preprocesses (DESIGN §1) and writes one "<site>_train" / "<site>_val" split per site as
 array_record, readable without TensorFlow.
+
+Options every builder takes (`BASE_OPTIONS`): `val_split` "patient" (patient-disjoint) or
+"original" (the FedFMS scripts' rule per `SPLIT_UNIT`: images of 2-D data, volumes of
+volume data), and `resize` "pil" or "cv2" (preprocess.RESIZES).
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ Slice = tuple[str, np.ndarray, np.ndarray]
 class Case:
     case_id: str  # the split unit: patient, volume or image
     load: Callable[[], Iterable[Slice]]
+    # A patient of several 2-D images: the same images one per Case (same case_id), for a
+    # split by image (val_split="original" of 2-D data). Empty: the case is one unit.
+    images: tuple["Case", ...] = ()
 
 
 @dataclasses.dataclass
@@ -61,6 +68,8 @@ class FederationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     LAYOUT = ""  # one line: the expected manual_dir layout
     SOURCE = ""  # one line: where to get the data
     OPTIONS: dict = {}  # default builder-specific options
+    BASE_OPTIONS = {"val_split": "patient", "resize": "pil"}  # every builder's options
+    SPLIT_UNIT = "image"  # what val_split="original" splits: "image" (2-D data) or "volume"
     NEEDS_MANUAL = True  # False: the builder fetches its own files (nuclei_demo)
 
     @classmethod
@@ -72,7 +81,7 @@ class FederationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         return self.manual_instructions()
 
     def option(self, key: str):
-        opts = dict(self.OPTIONS)
+        opts = dict(self.BASE_OPTIONS, **self.OPTIONS)
         opts.update(dict(self.builder_config.options))
         return opts[key]
 
@@ -113,10 +122,7 @@ class FederationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         for site, site_cases in cases.items():
             if not site_cases:
                 raise self.missing(f"no cases found for site {site} under {root}")
-            train_ids, val_ids = preprocess.split_cases(
-                [c.case_id for c in site_cases], cfg.val_fraction, cfg.split_seed, site)
-            for part, ids in (("train", train_ids), ("val", val_ids)):
-                chosen = [c for c in site_cases if c.case_id in ids]
+            for part, chosen in zip(("train", "val"), self.split_site(site, site_cases)):
                 sizes[f"{site}/{part}"] = len(chosen)
                 if chosen:  # TFDS cannot write an empty split; the loader gives an empty source
                     splits[f"{preprocess.sanitize(site)}_{part}"] = self._generate_examples(chosen)
@@ -124,8 +130,27 @@ class FederationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         self.info.metadata["cases"] = sizes
         return splits
 
+    def split_site(self, site: str, cases: list[Case]) -> tuple[list[Case], list[Case]]:
+        """(train, val) cases of a site under the `val_split` option."""
+        cfg = self.builder_config
+        rule = self.option("val_split")
+        if rule == "patient":
+            train_ids, val_ids = preprocess.split_cases(
+                [c.case_id for c in cases], cfg.val_fraction, cfg.split_seed, site)
+            return [c for c in cases if c.case_id in train_ids], [c for c in cases if c.case_id in val_ids]
+        if rule != "original":
+            raise ValueError(f"val_split must be one of {preprocess.VAL_SPLITS}, got {rule!r}")
+        if self.SPLIT_UNIT == "image":  # the original splits 2-D data by image, patients ignored
+            cases = [unit for c in cases for unit in (c.images or (c,))]
+        train, val = preprocess.split_original([c.case_id for c in cases], self.SPLIT_UNIT,
+                                               cfg.split_seed, site)
+        return [cases[i] for i in train], [cases[i] for i in val]
+
     def _generate_examples(self, cases: list[Case]):
         size = self.builder_config.image_size
+        resize = self.option("resize")
+        if resize not in preprocess.RESIZES:
+            raise ValueError(f"resize must be one of {preprocess.RESIZES}, got {resize!r}")
         for case in cases:
             for slice_id, image, mask in case.load():
                 key = f"{case.case_id}/{slice_id}" if slice_id else case.case_id
@@ -137,7 +162,7 @@ class FederationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                 if mask.shape[:2] != image.shape[:2]:
                     raise DataError(f"{self.name}: {key}: image {image.shape[:2]} and mask "
                                     f"{mask.shape[:2]} differ in size")
-                yield key, preprocess.example(image, mask, size, key)
+                yield key, preprocess.example(image, mask, size, key, resize)
 
 
 def require_dir(builder: FederationBuilder, path: Path, what: str) -> Path:

@@ -52,6 +52,8 @@ class FedfmsChaos(FederationBuilder):
     SITES = FEDERATIONS["chaos"].sites
     NUM_CLASSES = FEDERATIONS["chaos"].num_classes
     OPTIONS = {"organ": "liver", "mr_sequence": "T2SPIR"}  # or T1DUAL/InPhase, T1DUAL/OutPhase
+    # val_split="original": no CHAOS script is published; split like the other volumes (n // 10 + 1)
+    SPLIT_UNIT = "volume"
     LAYOUT = ("<manual_dir>/[CHAOS_Train_Sets/Train_Sets/]{CT,MR}/<patient>/ with CT/<patient>/{DICOM_anon/*.dcm "
               "or images/*.png|tif} + Ground/*.png and MR/<patient>/T2SPIR/{DICOM_anon or images} + Ground/*.png "
               "(T1DUAL: DICOM_anon/{InPhase,OutPhase}; DICOM needs pydicom; without it convert slices to PNG/TIF "

@@ -50,5 +50,6 @@ class FedfmsCtlung(FederationBuilder):
                         yield img.stem, preprocess.read_image(img), lung_mask(preprocess.read_image(mask))[..., None]
                 return load
 
-            out[site] = [Case(p, loader(items)) for p, items in groups.items()]
+            out[site] = [Case(p, loader(items), images=tuple(Case(p, loader([item])) for item in items))
+                         for p, items in groups.items()]
         return out

@@ -42,6 +42,7 @@ class FedfmsFets(FederationBuilder):
     SITES = FEDERATIONS["fets"].sites
     NUM_CLASSES = FEDERATIONS["fets"].num_classes
     OPTIONS = {"modality": "t1ce"}
+    SPLIT_UNIT = "volume"  # val_split="original": the original's n // 10 + 1 volumes
     LAYOUT = ("<manual_dir>/[MICCAI_FeTS2022_TrainingData/]partitioning_1.csv (Partition_ID,Subject_ID) + "
               "FeTS2022_XXXXX/FeTS2022_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz per patient")
     SOURCE = "the FeTS 2022 challenge (www.synapse.org/#!Synapse:syn28546456) or the FedFMS repository's copy"

@@ -70,7 +70,8 @@ def _file_cases(pairs, case_of) -> list[Case]:
                 yield img.stem, preprocess.read_image(img), _binary(preprocess.read_image(lab))[..., None]
         return load
 
-    return [Case(case, loader(items)) for case, items in by_case.items()]
+    return [Case(case, loader(items), images=tuple(Case(case, loader([item])) for item in items) if len(items) > 1
+                 else ()) for case, items in by_case.items()]
 
 
 class FedfmsNuclei(FederationBuilder):

@@ -9,7 +9,7 @@ from fedfms_jax.data.errors import DataError
 from fedfms_jax.data.registry import FEDERATIONS
 
 
-def _volume_cases(image_paths: list[Path], label_of) -> list[Case]:
+def _volume_cases(image_paths: list[Path], label_of, orientation: str) -> list[Case]:
     cases = []
     for img_path in image_paths:
         case_id = img_path.name.split(".nii")[0]
@@ -21,8 +21,8 @@ def _volume_cases(image_paths: list[Path], label_of) -> list[Case]:
             if vol.shape != lab.shape:
                 raise DataError(
                     f"{label_path} has shape {lab.shape}, its image {img_path} {vol.shape}")
-            images = preprocess.axial_slices(preprocess.clip_scale(vol))
-            masks = preprocess.axial_slices(lab) > 0.5  # ISBI's two zones -> one prostate class
+            images = preprocess.axial_slices(preprocess.clip_scale(vol), orientation)
+            masks = preprocess.axial_slices(lab, orientation) > 0.5  # ISBI's two zones -> one prostate class
             # The original keeps every slice of a volume, with or without prostate.
             for z in range(images.shape[0]):
                 yield f"{z:03d}", images[z], masks[z][..., None]
@@ -36,11 +36,17 @@ class FedfmsProstate(FederationBuilder):
 
     SITES = FEDERATIONS["prostate"].sites
     NUM_CLASSES = FEDERATIONS["prostate"].num_classes
+    # "yx": rows = Y, as viewers show a slice; "xy": nibabel's vol[:, :, z] as the original slices it.
+    OPTIONS = {"slice_orientation": "yx"}
+    SPLIT_UNIT = "volume"
     LAYOUT = ("<manual_dir>/{BIDMC,HK,I2CVB,ISBI,ISBI_1.5,UCL}/Case00.nii.gz + Case00_segmentation.nii.gz "
               "(SAML release) or <site>/images/Case00.nii.gz + <site>/labels/Case00.nii.gz")
     SOURCE = "the SAML multi-site prostate dataset, https://liuquande.github.io/SAML/"
 
     def discover(self, root: Path) -> dict[str, list[Case]]:
+        orientation = self.option("slice_orientation")
+        if orientation not in preprocess.SLICE_ORIENTATIONS:
+            raise ValueError(f"slice_orientation must be one of {sorted(preprocess.SLICE_ORIENTATIONS)}")
         out = {}
         for site in self.SITES:
             folder = root / site
@@ -68,5 +74,5 @@ class FedfmsProstate(FederationBuilder):
                 raise self.missing(f"no Case*.nii.gz volumes in {folder}")
             for img in images:  # fail before the long conversion, naming the file
                 label_of(img)
-            out[site] = _volume_cases(images, label_of)
+            out[site] = _volume_cases(images, label_of, orientation)
         return out
