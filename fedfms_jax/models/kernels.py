@@ -14,7 +14,7 @@ tracing, so the plan stored on a model says exactly which paths its programs tak
                relative positions folded into q and k (no bias tensor, see
                fused_attention), cuDNN's fused kernel on a CUDA backend (chosen at build
                time) and XLA's lowering elsewhere; plain products in the compute dtype
-               with float32 results; no host calls, no fusion barrier, no client chunks.
+               with float32 results; no host calls, no fusion barrier.
   "reference"  the plain SAM math: every head's scores in one einsum, plain products,
                no barrier.
 
