@@ -104,3 +104,19 @@ def test_cudnn_request_falls_back_to_xla_where_refused():
         out = fa.fused_rel_pos_attention(*cast, 8**-0.5, implementation="cudnn")
         tol = 1e-5 if dtype == jnp.float32 else 3e-2
         assert _rel_err(out.astype(jnp.float32), want) < tol
+
+
+def test_gpu_plan_asks_for_cudnn_on_a_cuda_backend(monkeypatch):
+    assert kn.resolve_kernels("gpu").fused_impl is None  # this CPU: XLA's attention
+    monkeypatch.setattr(kn, "_on_cuda", lambda: True)
+    plan = kn.resolve_kernels("gpu")
+    assert plan is kn.PLANS["gpu_cudnn"] and plan.name == "gpu" and plan.fused_impl == "cudnn"
+    seen = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, **k: seen.append(k.get("implementation")) or real(*a, **k))
+    args = [a.astype(jnp.bfloat16) for a in _inputs(1, 4, 4, 4, 4, 2, 8)]
+    out = plan.attend(*args, 8**-0.5)  # cuDNN refuses on this CPU: XLA's attention answers
+    assert seen[0] == "cudnn" and seen[-1] is None
+    want = kn.PLANS["reference"].attend(*[a.astype(jnp.float32) for a in args], 8**-0.5)
+    assert _rel_err(out.astype(jnp.float32), want) < 3e-2
