@@ -78,8 +78,6 @@ def with_settings(cfg, loop: str, remat: bool) -> ml_collections.ConfigDict:
 
 def device_peak(cfg, clients_per_device: int, steps: int) -> dict:
     """XLA's memory analysis of one device's round (abstract weights, init_from ignored)."""
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.init_from = "random"  # shapes only: the weights' values do not change the memory
     scfg = model_init.sam_config(cfg)
     from fedfms_jax.models.sam import build_sam
     model = nnx.eval_shape(lambda: build_sam(scfg, rngs=nnx.Rngs(0)))
@@ -129,6 +127,7 @@ def main(argv: Sequence[str]) -> int:
     memory_gb = _positive(flags["memory-gb"], "--memory-gb", float)
     devices = _positive(flags.get("devices", jax.device_count()), "--devices", int)
     cfg = config_cli.load_training_config(flags["config"], cli_overrides)
+    cfg.init_from = "random"  # the memory needs shapes only: plan before the weights are there
     run_config.validate(cfg)
     if cfg["cache_embeddings"]:
         raise UsageError("cache_embeddings trains on stored embeddings: the plan covers image rounds")

@@ -101,3 +101,11 @@ def test_out_of_memory_points_at_the_plan(capsys):
 
     with pytest.raises(RuntimeError, match="something else"):
         run_cli(other, [], "train")
+
+
+def test_paper_config_plans_before_its_weights_exist(capsys, fake_peaks, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no weights/sam_vit_b here
+    code, out, err = _run(capsys, "--config", "prostate:method=fedsam", "--memory-gb", "141", "--devices", "1")
+    assert code == 0, err
+    assert "5 clients x batch 6 at 1024 px" in out  # six sites, one held out
+    assert [c for _, c, _ in fake_peaks] == [5]
