@@ -60,15 +60,16 @@ bench() {  # bench NAME TIMEOUT_S CONFIG_ARGS
 }
 
 # Parity: ViT-B at 1024, one image; the float32 reference runs on the CPU (~1 min).
-step parity 150 "$PY" benchmarks/gpu_parity.py --json "$OUT/parity.json"
+# Limits: 100 + 2 x 180 s + set-up stay within 8 minutes.
+step parity 100 "$PY" benchmarks/gpu_parity.py --json "$OUT/parity.json"
 
 # Rounds: 4 clients x batch 4 (the original's FedMSA batch) x 2 local steps, bf16 compute
 # with float32 master weights, kernels auto (= gpu: cuDNN attention); the PyTorch
 # reference trains eager fp32, clients in turn, on the same GPU in its own process.
 ROUND="variant=vit_b,image_size=1024,clients=4,batch=4,steps=2,dtype=bfloat16,warmup=1,repeats=3,torch_repeats=2,eval=false,flops=jaxpr"
-bench fedmsa_vit_b_1024_bf16 150 "$ROUND,method=fedmsa"
+bench fedmsa_vit_b_1024_bf16 180 "$ROUND,method=fedmsa"
 if [ -z "${QUICK:-}" ]; then
-  bench fedsam_vit_b_1024_bf16 150 "$ROUND,method=fedsam"
+  bench fedsam_vit_b_1024_bf16 180 "$ROUND,method=fedsam"
 fi
 if [ -n "${FULL:-}" ]; then
   # Image encoder forward, same dtype on both sides (fp32), then JAX in bf16.
