@@ -78,6 +78,8 @@ if [ -n "${FULL:-}" ]; then
 fi
 
 "$PY" benchmarks/gpu_collect.py "$OUT" "$(( $(date +%s) - START ))" > "$OUT/gpu.json" || status=1
-"$PY" -m fedfms_jax.benchmarking.table "$OUT"/*_bf16.json "$OUT"/*_fp32.json 2>/dev/null | tee "$OUT/table.md"
+shopt -s nullglob
+runs=("$OUT"/*_bf16.json "$OUT"/*_fp32.json)
+[ ${#runs[@]} -gt 0 ] && "$PY" -m fedfms_jax.benchmarking.table "${runs[@]}" | tee "$OUT/table.md"
 echo "results in $OUT/gpu.json ($(( $(date +%s) - START )) s)"
 exit $status
