@@ -108,14 +108,11 @@ def choose(cfg, memory_gb: float, devices: int, steps: int, log=print) -> tuple[
     return None, tried
 
 
-def smallest_change(cfg, memory_gb: float, devices: int, best: dict) -> str:
-    """The one-line advice when nothing fits: devices, memory, or batch."""
-    clients = num_clients(cfg)
-    need = best["peak_gb"]
-    if devices < clients:
-        return (f"use {clients} devices (one client each), or devices with at least {need:.0f} GB, "
-                f"or a smaller --config.batch_size")
-    return f"use devices with at least {need:.0f} GB, or a smaller --config.batch_size"
+def smallest_change(cfg, best: dict) -> str:
+    """The one-line advice when nothing fits. The best candidate trains one client at a
+    time, so more devices barely help (they only spread the clients' optimizer state)."""
+    return (f"use devices with at least {math.ceil(best['peak_gb'])} GB, or a smaller "
+            f"--config.batch_size (activations scale with it; now {cfg['batch_size']})")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -140,7 +137,7 @@ def main(argv: Sequence[str]) -> int:
         best = min(tried, key=lambda r: r["peak_gb"])
         raise UsageError(f"{cfg['name'] or 'this config'} does not fit {memory_gb:g} GB per device: even "
                          f"{best['client_loop']} with remat needs {best['peak_gb']:.1f} GB; "
-                         + smallest_change(cfg, memory_gb, devices, best))
+                         + smallest_change(cfg, best))
     print(overrides(fit["client_loop"], fit["remat"]))
     return 0
 

@@ -68,7 +68,7 @@ def test_plan_says_what_does_not_fit_in_one_line(capsys, fake_peaks):
     assert code == EXIT_USAGE
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "does not fit 8 GB" in lines[0] and "needs 12.0 GB" in lines[0]
-    assert "use 3 devices" in lines[0]  # the smallest change: a device per client
+    assert "at least 12 GB" in lines[0] and "--config.batch_size" in lines[0]  # the smallest change
     assert not any(line.startswith("--config.") for line in out.splitlines())
 
 
