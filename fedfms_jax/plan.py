@@ -38,8 +38,10 @@ from flax import nnx
 
 from fedfms_jax import config_cli, model_init, run_config, run_state
 from fedfms_jax.cli_errors import UsageError, run_cli
+from fedfms_jax.data.registry import federation_info
 from fedfms_jax.federated import mesh as mesh_lib
 from fedfms_jax.federated.memory_report import round_memory
+from fedfms_jax.models.sam import build_sam
 
 FLAGS = {
     "config": ("NAME|FILE[:ARGS]", "the training config to plan for (as train takes it)"),
@@ -57,7 +59,6 @@ def num_clients(cfg) -> int:
     """Clients of a round for the config, from the federation's registry (no data read)."""
     if cfg["mode"] == "centralized":
         return 1
-    from fedfms_jax.data.registry import federation_info
     sites = list(federation_info(cfg["federation"]).sites)
     if cfg["federation"] == "synthetic":
         sites = [f"site{i}" for i in range(cfg["synthetic_sites"])]
@@ -79,7 +80,6 @@ def with_settings(cfg, loop: str, remat: bool) -> ml_collections.ConfigDict:
 def device_peak(cfg, clients_per_device: int, steps: int) -> dict:
     """XLA's memory analysis of one device's round (abstract weights, init_from ignored)."""
     scfg = model_init.sam_config(cfg)
-    from fedfms_jax.models.sam import build_sam
     model = nnx.eval_shape(lambda: build_sam(scfg, rngs=nnx.Rngs(0)))
     engine = run_state.make_engine(cfg, model, mesh=mesh_lib.client_mesh(jax.devices()[:1]))
     size = cfg["image_size"]
