@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+EXIT_OUT_OF_MEMORY = 4
 
 
 class UsageError(Exception):
@@ -50,6 +51,17 @@ def usage_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _config_args(argv: Sequence[str]) -> list[str]:
+    """The --config and --config.x=v arguments of argv, as given."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config"):
+            out.append(arg)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                out.append(argv[i + 1])  # `--config NAME` given as two arguments
+    return out
+
+
 def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str], prog: str) -> int:
     """Run `main(argv)`; turn bad input into one line + exit 2, and --help into exit 0."""
     try:
@@ -63,3 +75,10 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str], prog: str
     except DivergedError as exc:
         print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_DIVERGED
+    except Exception as exc:  # XLA's out-of-memory error: point at the memory plan
+        if "RESOURCE_EXHAUSTED" not in str(exc):
+            raise
+        config = " ".join(_config_args(argv)) or "--config CONFIG"
+        print(f"{prog}: error: out of device memory ({_one_line(exc)[:160]}); settings that fit: "
+              f"python -m fedfms_jax.plan {config} --memory-gb <GB per device>", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY

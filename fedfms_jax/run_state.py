@@ -104,7 +104,8 @@ def client_optimizer(cfg: dict):
     return optax.adam(cfg["lr"], b1=cfg["b1"], b2=cfg["b2"])
 
 
-def make_engine(cfg: dict, model):
+def make_engine(cfg: dict, model, mesh=None):
+    """The round engine for `cfg`; `mesh` defaults to every device (the plan passes one)."""
     from fedfms_jax.federated.round import FederatedEngine
     from fedfms_jax.federated.server_optim import server_optimizer
     forward = model_init.make_forward(cfg["model"]["pixel_norm"], from_embeddings=cfg["cache_embeddings"],
@@ -118,7 +119,7 @@ def make_engine(cfg: dict, model):
     return FederatedEngine(model, cfg["partition"] or cfg["method"], forward=forward,
                            client_optimizer=client_optimizer(cfg), server_optimizer=server,
                            loss="bce", pos_weight=cfg["pos_weight"], compute_dtype=cfg["model"]["dtype"],
-                           aggregate_clients=cfg["mode"] != "local", **chunk)
+                           aggregate_clients=cfg["mode"] != "local", mesh=mesh, **chunk)
 
 
 @dataclasses.dataclass

@@ -29,6 +29,23 @@ def _tree_bytes(tree) -> int:
                    for x in jax.tree.leaves(tree)))
 
 
+def peak_bytes(ma) -> int:
+    """Peak device memory of a compiled program from its memory analysis: arguments +
+    outputs - aliased (donated inputs reused as outputs) + temporaries."""
+    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+               + ma.temp_size_in_bytes)
+
+
+def round_memory(engine: FederatedEngine, clients: int, steps: int, batch: int, image_hw, mask_hwc) -> dict:
+    """Memory analysis of `engine`'s round compiled for abstract inputs on its mesh."""
+    t0 = time.time()
+    ma = engine.lower_round(clients, steps, batch, image_hw, mask_hwc).compile().memory_analysis()
+    return {"argument_bytes": int(ma.argument_size_in_bytes), "output_bytes": int(ma.output_size_in_bytes),
+            "alias_bytes": int(ma.alias_size_in_bytes), "temp_bytes": int(ma.temp_size_in_bytes),
+            "peak_bytes": peak_bytes(ma), "compile_s": round(time.time() - t0, 1),
+            "backend": jax.default_backend()}
+
+
 def analyse(encoder="vit_b", preset="fedmsa", image_size=1024, clients=6, batch=4, steps=1,
             dtype="float32", client_chunk=None) -> dict:
     from fedfms_jax.models.sam import SamConfig, build_sam
@@ -68,8 +85,7 @@ def analyse(encoder="vit_b", preset="fedmsa", image_size=1024, clients=6, batch=
         "expected_args_frozen_per_client": expected_once + (clients - 1) * frozen_b,
         "frozen_once": abs(args - expected_once) < frozen_b // 2,
         "client_chunk": client_chunk or clients,
-        "peak_estimate_bytes": args + int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes)
-        + int(ma.temp_size_in_bytes),
+        "peak_estimate_bytes": peak_bytes(ma),
         "compile_s": round(compile_s, 1),
         "backend": jax.default_backend(), "jax": jax.__version__,
     }

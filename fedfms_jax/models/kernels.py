@@ -10,9 +10,11 @@ tracing, so the plan stored on a model says exactly which paths its programs tak
                matrices, bf16 products with float32 results and gradients
                (mixed_matmul), and a host-call barrier between the blocks of deep
                encoders (fusion_barrier).
-  "gpu"        accelerators: attention through `jax.nn.dot_product_attention` (XLA's
-               lowering here; a fused kernel where the backend has one), plain products
-               in the compute dtype with float32 results, no host calls.
+  "gpu"        accelerators: attention through `jax.nn.dot_product_attention` with the
+               relative positions folded into q and k (no bias tensor, see
+               fused_attention), cuDNN's fused kernel on a CUDA backend (chosen at build
+               time) and XLA's lowering elsewhere; plain products in the compute dtype
+               with float32 results; no host calls, no fusion barrier.
   "reference"  the plain SAM math: every head's scores in one einsum, plain products,
                no barrier.
 
@@ -25,6 +27,7 @@ answers only the real tokens (image_encoder.Attention.attend_windows).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Union
 
 import jax
@@ -48,7 +51,8 @@ class KernelPlan:
     attention: "reference" (all scores in one einsum), "cpu" (that layout for small score
         tensors, the blockwise one above 32 MB of scores, see rel_pos_attention) or
         "dot_product_attention" (jax.nn.dot_product_attention with the relative
-        positions as its bias).
+        positions folded into q and k, models/fused_attention).
+    fused_impl: dot_product_attention's `implementation`: None (XLA's) or "cudnn".
     mixed_matmul: reduced-precision products through mixed_matmul's custom gradient
         (float32 compute is unaffected).
     barrier_min_depth: encoders with at least this many blocks put a cotangent barrier
@@ -59,6 +63,7 @@ class KernelPlan:
     attention: str
     mixed_matmul: bool
     barrier_min_depth: Optional[int]
+    fused_impl: Optional[str] = None
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
@@ -84,7 +89,7 @@ class KernelPlan:
         grid; k, v [B, H*W, heads, hd]; rh [qh, H, hd], rw [qw, W, hd] (get_rel_pos rows)
         -> [B, qh*qw, heads, hd]."""
         if self.attention == "dot_product_attention":
-            return fused_rel_pos_attention(q, k, v, rh, rw, scale)
+            return fused_rel_pos_attention(q, k, v, rh, rw, scale, self.fused_impl)
         heads_first = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
         q, k, v = heads_first(q), heads_first(k), heads_first(v)
         if self.attention == "cpu":
@@ -101,6 +106,9 @@ PLANS = {
     # disk; ViT-B (12 blocks) and up take it.
     "cpu": KernelPlan("cpu", attention="cpu", mixed_matmul=True, barrier_min_depth=8),
     "gpu": KernelPlan("gpu", attention="dot_product_attention", mixed_matmul=False, barrier_min_depth=None),
+    # The gpu plan on a CUDA backend: cuDNN's fused attention where it takes the call.
+    "gpu_cudnn": KernelPlan("gpu", attention="dot_product_attention", mixed_matmul=False,
+                            barrier_min_depth=None, fused_impl="cudnn"),
     "reference": KernelPlan("reference", attention="reference", mixed_matmul=False, barrier_min_depth=None),
 }
 
@@ -112,6 +120,16 @@ def resolve_kernels(kernels: Union[str, KernelPlan] = "auto") -> KernelPlan:
         return kernels
     if kernels == "auto":
         kernels = "cpu" if jax.default_backend() == "cpu" else "gpu"
-    if kernels not in PLANS:
+    if kernels not in KERNEL_NAMES:
         raise ValueError(f"kernels={kernels!r} is not one of {KERNEL_NAMES}")
+    if kernels == "gpu" and _on_cuda():
+        return PLANS["gpu_cudnn"]
     return PLANS[kernels]
+
+
+@functools.lru_cache(maxsize=None)
+def _on_cuda() -> bool:
+    """Whether the default backend is an NVIDIA GPU (cuDNN's fused attention exists)."""
+    if jax.default_backend() != "gpu":
+        return False
+    return "rocm" not in jax.devices()[0].client.platform_version.lower()
