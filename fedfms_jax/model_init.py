@@ -51,6 +51,15 @@ def sam_config(cfg: dict):
         raise UsageError(f"invalid model settings: {exc}") from None
 
 
+def model_sam_config(cfg: dict):
+    """The SamConfig the run's model is built with: the training config's, with the window
+    padding order its init_from weights record (see with_weights_padding_order)."""
+    scfg = sam_config(cfg)
+    if cfg["init_from"] not in ("random", "lite_medsam"):
+        scfg = with_weights_padding_order(scfg, Path(cfg["init_from"]))
+    return scfg
+
+
 def build_model(cfg: dict, *, seed: int | None = None, adapter_draws: int = 1):
     """(SamConfig, Sam, info) for the training config `cfg`, weights loaded per init_from.
 
@@ -61,9 +70,7 @@ def build_model(cfg: dict, *, seed: int | None = None, adapter_draws: int = 1):
     """
     from fedfms_jax.models.sam import build_sam
     init = cfg["init_from"]
-    scfg = sam_config(cfg)
-    if init not in ("random", "lite_medsam"):
-        scfg = with_weights_padding_order(scfg, Path(init))
+    scfg = model_sam_config(cfg)
     seed = cfg["seed"] if seed is None else seed
     info = {"init_from": init}
     if init == "random":

@@ -14,6 +14,7 @@ from flax import nnx
 
 from fedfms_jax import checkpoint, model_init, run_config, workdir as wd
 from fedfms_jax.cli_errors import UsageError
+from fedfms_jax.data.federations import data_slice_orientation
 from weights_convert.store import (
     build_loaded, config_from_json, fill_model, model_variables, path_name, save_weights,
 )
@@ -32,8 +33,10 @@ def write_final(workdir: Path, cfg: dict, engine, trainable, *, round_: int) -> 
     to WORKDIR/final/, replacing an earlier one. Used by simulation and deployment alike."""
     model = nnx.merge(engine.graphdef, engine.partition.merge(trainable, engine.frozen), engine.rest)
     meta = {"trained": {"round": int(round_), "config_name": cfg["name"], "federation": cfg["federation"],
-                        "method": cfg["method"], "mode": cfg["mode"]}}
-    return save_weights(final_dir(workdir), model, model_init.sam_config(cfg), meta=meta, force=True)
+                        "method": cfg["method"], "mode": cfg["mode"]},
+            # how predict must cut volumes: as this run's data was sliced
+            "slice_orientation": data_slice_orientation(cfg["federation"], cfg["slice_orientation"])}
+    return save_weights(final_dir(workdir), model, model_init.model_sam_config(cfg), meta=meta, force=True)
 
 
 def load_trained(path: Path, round_: int | None = None) -> TrainedModel:

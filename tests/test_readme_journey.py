@@ -74,6 +74,7 @@ def test_convert_train_predict_export_as_the_readme_says(tmp_path):
     assert results["unseen_site"] == "UCL" and set(results["final"]["sites"]) == set(SITES[:5])
     final = json.loads((user / "runs/p/final/model.json").read_text())
     assert final["config"]["pad_before_norm1"] is True and final["config"]["prompt_free"] is True
+    assert final["slice_orientation"] == "xy"  # the paper protocol slices prostate [X, Y]
 
     # The dataset cache can go: the trained model stands alone.
     import shutil

@@ -149,9 +149,10 @@ def test_training_from_converted_weights_keeps_their_padding_order(checkpoints, 
         out = tmp_path / name
         assert main(["convert", "--checkpoint", checkpoints[name], "--out", str(out)]) == 0
         kw = FAMILIES[name][0]
-        cfg = {"image_size": kw["image_size"], "num_classes": kw.get("num_classes", 1), "init_from": str(out),
-               "seed": 0, "model": dict(encoder="vit_tiny", tiny_vit="", adapters=True, adapter_zero_init=False,
-                                        prompt_free=True, pixel_norm="unit", dtype="float32", remat=False)}
+        from fedfms_jax.run_config import base_config
+        cfg = base_config()  # a training config of today's defaults (clean numerics)
+        cfg.image_size, cfg.num_classes, cfg.init_from = kw["image_size"], kw.get("num_classes", 1), str(out)
+        cfg.model.encoder = "vit_tiny"
         scfg, model, _ = build_model(cfg)
         assert scfg.pad_before_norm1 is pad
         assert all(block.pad_before_norm1 is pad for block in model.image_encoder.blocks)
