@@ -187,6 +187,9 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
                                     and getattr(opts, n) != getattr(family.numerics, n)]},
         "added_adapters": adding,
         "torch_only": torch_only,
+        # How predict cuts volumes for this model: the original FedFMS code trains on
+        # [X, Y] slices (nibabel's vol[:, :, z]); everything else on [Y, X], as viewers show.
+        "slice_orientation": "xy" if family.name == "FedFMS" else "yx",
     }
     write_dir(out, config, pending, meta=meta, force=force)
     return {"detected": det.describe(), "family": family.name, "numerics": chosen,
@@ -224,4 +227,11 @@ def exported_state_dict(path: str | os.PathLike, round_: int | None = None) -> d
             out[counter] = _carried_value(carried[counter]) if counter in carried else np.zeros((), np.int64)
     for key, entry in carried.items():
         out.setdefault(key, _carried_value(entry))
+    config = source.doc.get("config") or {}
+    if config.get("prompt_free") and "mask_decoder.seg1.weight" not in out:
+        # The original FedFMS decoder always holds seg1 and ignores it for one class; a
+        # (zero) one-class head keeps the family recognisable, so converting back picks
+        # the prompt-free numerics the model was trained with.
+        out["mask_decoder.seg1.weight"] = np.zeros((1, 4, 1, 1), np.float32)
+        out["mask_decoder.seg1.bias"] = np.zeros((1,), np.float32)
     return out

@@ -41,6 +41,7 @@ def test_convert_fills_every_variable_exactly(tiny, tmp_path, capsys):
     meta = json.loads((out / "model.json").read_text())
     assert (meta["variant"], meta["image_size"], meta["adapters"], meta["prompt_free"],
             meta["num_classes"], meta["pixel_norm"]) == ("vit_tiny", SIZE, False, False, 1, "sam")
+    assert meta["slice_orientation"] == "yx"
     cfg, model = load_model(out)
     assert (cfg.encoder, cfg.image_size) == ("vit_tiny", SIZE)
     variables = model_variables(model)

@@ -53,6 +53,7 @@ def test_original_fedfms_converts_faithfully_without_flags(num_classes, tmp_path
     assert line in capsys.readouterr().out.splitlines()
     meta = json.loads((out / "model.json").read_text())
     assert meta["detected"]["family"] == "FedFMS" and meta["detected"]["overridden"] == []
+    assert meta["slice_orientation"] == "xy"  # the original trains on nibabel's [X, Y] slices
     assert (meta["config"]["pad_before_norm1"], meta["config"]["prompt_free"], meta["config"]["pixel_norm"],
             meta["config"]["num_classes"]) == (True, True, "unit", num_classes)
 
