@@ -388,7 +388,9 @@ class ImageEncoderViT(nnx.Module):
         default backend, once, here).
     scan_blocks: when the blocks repeat with a period (ViT-B: windowed, windowed, global,
         four times), trace and compile one period and `lax.scan` over the repeats. The
-        same function; parameters stay stored (and named) per block.
+        same function; parameters stay stored (and named) per block, and every call
+        stacks a copy of them for the scan. Off by default: on XLA:CPU it shortens the compile of
+        deep encoders (ViT-H) but not ViT-B's (BENCHMARKS.md).
     depth_chunk (call): treat the batch as consecutive chunks of `depth_chunk` slices of a
         volume and add the MSA Depth branch (requires adapters). None: 2-D input.
     """
@@ -402,7 +404,7 @@ class ImageEncoderViT(nnx.Module):
         adapter_zero_init: bool = False,
         pad_before_norm1: bool = False,
         remat: bool = False,
-        scan_blocks: bool = True,
+        scan_blocks: bool = False,
         in_chans: int = 3,
         dtype=jnp.float32,
         kernels: KernelPlan | str = "auto",
@@ -499,7 +501,9 @@ class ImageEncoderViT(nnx.Module):
         the per-block leaves, so gradients flow back to them) and the scanned function
         rebuilds one period's blocks from a slice: one period is traced and compiled
         instead of every block. Remat and the cotangent barrier stay per block, inside
-        the period, so memory and the backward's materialised cotangents are as unrolled."""
+        the period: activation memory is as unrolled, and the backward still materialises
+        the residual cotangent at every block boundary (XLA:CPU would otherwise re-fuse
+        the chain through a period's blocks into each weight gradient)."""
         splits = [nnx.split(blk) for blk in self.blocks]
         graphdefs = [graphdef for graphdef, _ in splits[:period]]
         stacked = [jax.tree.map(lambda *leaves: jnp.stack(leaves), *[s for _, s in splits[j::period]])
@@ -510,7 +514,4 @@ class ImageEncoderViT(nnx.Module):
             return run_blocks(blocks, x), None
 
         x, _ = jax.lax.scan(one_period, x, stacked)
-        return x
-        for layer in self.neck:
-            x = layer(x)
         return x

@@ -47,7 +47,8 @@ class SamConfig:
         float32).
     remat: ViT only; recompute encoder blocks in the backward pass to fit larger batches.
     scan_blocks: ViT only; compile one period of the encoder's repeating blocks and scan
-        over the repeats (ImageEncoderViT). The same function, a shorter compile.
+        over the repeats (ImageEncoderViT). The same function; a shorter compile for
+        deep encoders, a copy of the block weights per step.
     decoder_dtype: matmul dtype of the prompt encoder and mask decoder. float32 by
         default: they are under 1% of the FLOPs at 1024 input and in bfloat16 they add
         about as much logit error as the whole encoder does.
@@ -70,7 +71,7 @@ class SamConfig:
     pad_before_norm1: bool = False
     decoder_dtype: str = "float32"
     remat: bool = False
-    scan_blocks: bool = True
+    scan_blocks: bool = False
     kernels: str = "auto"
 
     def __post_init__(self):
