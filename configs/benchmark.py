@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.client_chunk = -1       # -1: 1 on a CPU (measured faster there), 0 elsewhere | 0: all
                               # clients of a device vmapped at once | n: n at a time (lax.map)
     c.remat = False           # rematerialise encoder blocks to fit larger batches
+    c.scan_blocks = False     # compile one period of the ViT's repeating blocks and scan over it
     c.warmup = 1              # untimed rounds after compilation
     c.repeats = 3             # timed rounds; median and spread are reported
     c.eval = True             # also time evaluation (forward only) images/s

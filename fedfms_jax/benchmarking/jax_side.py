@@ -40,6 +40,8 @@ def build_model(cfg, dtype_name: str):
         if "remat" not in fields:
             raise ValueError("this model has no rematerialisation option (SamConfig.remat)")
         kw["remat"] = True
+    if cfg.scan_blocks:
+        kw["scan_blocks"] = True
     scfg = sam.SamConfig(**kw)
     model = sam.build_sam(scfg, rngs=nnx.Rngs(cfg.seed))
     return model, make_forward(scfg.pixel_norm), scfg

@@ -46,7 +46,7 @@ def format_round(r: dict) -> str:
         f"fedfms_jax benchmark: {c['method']} {c['variant']} @ {c['image_size']}, "
         f"{c['clients']} clients x batch {c['batch']} x {c['steps']} local steps "
         f"({r['images_per_round']} training images per round) on {r['device']}",
-        f"  JAX ({j['dtype']}, remat={c['remat']}):",
+        f"  JAX ({j['dtype']}, remat={c['remat']}, scan_blocks={c.get('scan_blocks', False)}):",
         f"    train           {_fmt(j['images_per_s'])} img/s   round {_fmt(j['round']['median_s'])} s "
         f"(spread {100 * j['round']['spread']:.1f}%, n={len(j['round']['samples_s'])})",
         f"    step            {_fmt(j['step_s'])} s per client step of {c['batch']} images",

@@ -386,6 +386,11 @@ class ImageEncoderViT(nnx.Module):
         them (global-attention maps dominate training memory at 1024 input).
     kernels: a `SamConfig.kernels` name or a resolved KernelPlan ("auto": from the
         default backend, once, here).
+    scan_blocks: when the blocks repeat with a period (ViT-B: windowed, windowed, global,
+        four times), trace and compile one period and `lax.scan` over the repeats. The
+        same function; parameters stay stored (and named) per block, and every call
+        stacks a copy of them for the scan. Off by default: on XLA:CPU it shortens the compile of
+        deep encoders (ViT-H) but not ViT-B's (BENCHMARKS.md).
     depth_chunk (call): treat the batch as consecutive chunks of `depth_chunk` slices of a
         volume and add the MSA Depth branch (requires adapters). None: 2-D input.
     """
@@ -399,6 +404,7 @@ class ImageEncoderViT(nnx.Module):
         adapter_zero_init: bool = False,
         pad_before_norm1: bool = False,
         remat: bool = False,
+        scan_blocks: bool = False,
         in_chans: int = 3,
         dtype=jnp.float32,
         kernels: KernelPlan | str = "auto",
@@ -407,6 +413,7 @@ class ImageEncoderViT(nnx.Module):
         self.cfg = cfg
         self.kernels = kernels = resolve_kernels(kernels)
         self.remat = remat
+        self.scan_blocks = scan_blocks
         self.img_size = img_size
         self.adapters = adapters
         self.dtype = dtype
@@ -458,8 +465,53 @@ class ImageEncoderViT(nnx.Module):
             run_block = nnx.remat(run_block)
         deep_barrier = self.kernels.barrier_between_blocks(len(self.blocks))
         barrier = cotangent_barrier if deep_barrier else (lambda x: x)
-        for blk in self.blocks:
-            x = barrier(run_block(blk, x))
+
+        def run_blocks(blocks, x):
+            for blk in blocks:
+                x = barrier(run_block(blk, x))
+            return x
+
+        period = self._block_period() if self.scan_blocks else None
+        if period is None:
+            x = run_blocks(self.blocks, x)
+        else:
+            x = self._scan_periods(run_blocks, period, x)
         for layer in self.neck:
             x = layer(x)
+        return x
+
+    def _block_period(self) -> int | None:
+        """The smallest p such that block i is built exactly like block i % p (graph and
+        parameter shapes), when the encoder holds at least two periods; else None."""
+        def build(blk):
+            graphdef, state = nnx.split(blk)
+            return graphdef, [(v.shape, v.dtype) for v in jax.tree.leaves(state)]
+
+        builds = [build(blk) for blk in self.blocks]
+        n = len(builds)
+        for p in range(1, n // 2 + 1):
+            if n % p == 0 and all(builds[i] == builds[i % p] for i in range(p, n)):
+                return p
+        return None
+
+    def _scan_periods(self, run_blocks, period: int, x: jax.Array) -> jax.Array:
+        """run_blocks over all blocks as a lax.scan over periods of `period` blocks.
+
+        Block j of each period's parameters are stacked on a leading axis (jnp.stack of
+        the per-block leaves, so gradients flow back to them) and the scanned function
+        rebuilds one period's blocks from a slice: one period is traced and compiled
+        instead of every block. Remat and the cotangent barrier stay per block, inside
+        the period: activation memory is as unrolled, and the backward still materialises
+        the residual cotangent at every block boundary (XLA:CPU would otherwise re-fuse
+        the chain through a period's blocks into each weight gradient)."""
+        splits = [nnx.split(blk) for blk in self.blocks]
+        graphdefs = [graphdef for graphdef, _ in splits[:period]]
+        stacked = [jax.tree.map(lambda *leaves: jnp.stack(leaves), *[s for _, s in splits[j::period]])
+                   for j in range(period)]
+
+        def one_period(x, states):
+            blocks = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
+            return run_blocks(blocks, x), None
+
+        x, _ = jax.lax.scan(one_period, x, stacked)
         return x

@@ -46,6 +46,9 @@ class SamConfig:
     dtype: the image encoder's compute dtype, "float32" or "bfloat16" (parameters stay
         float32).
     remat: ViT only; recompute encoder blocks in the backward pass to fit larger batches.
+    scan_blocks: ViT only; compile one period of the encoder's repeating blocks and scan
+        over the repeats (ImageEncoderViT). The same function; a shorter compile for
+        deep encoders, a copy of the block weights per step.
     decoder_dtype: matmul dtype of the prompt encoder and mask decoder. float32 by
         default: they are under 1% of the FLOPs at 1024 input and in bfloat16 they add
         about as much logit error as the whole encoder does.
@@ -68,6 +71,7 @@ class SamConfig:
     pad_before_norm1: bool = False
     decoder_dtype: str = "float32"
     remat: bool = False
+    scan_blocks: bool = False
     kernels: str = "auto"
 
     def __post_init__(self):
@@ -163,7 +167,7 @@ class Sam(nnx.Module):
             self.image_encoder = ImageEncoderViT(
                 VIT_CONFIGS[cfg.encoder], cfg.image_size, adapters=cfg.adapters,
                 adapter_zero_init=cfg.adapter_zero_init, pad_before_norm1=cfg.pad_before_norm1,
-                remat=cfg.remat,
+                remat=cfg.remat, scan_blocks=cfg.scan_blocks,
                 dtype=dt, kernels=kernels, rngs=rngs)
         c, g = cfg.embed_dim, cfg.embedding_size
         dt = DTYPES[cfg.decoder_dtype]
