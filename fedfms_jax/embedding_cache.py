@@ -50,7 +50,7 @@ class Embedder:
 
         self._embed = embed
 
-    def cached(self, images: np.ndarray) -> np.ndarray:
+    def cached(self, images: np.ndarray, label: str = "") -> np.ndarray:
         """Embeddings of `images`, from the disk cache when the same weights saw them before."""
         from fedfms_jax.data.assets import cache_dir
         digest = hashlib.sha256(self.weights_key.encode())
@@ -63,7 +63,7 @@ class Embedder:
                     return emb
             except (OSError, ValueError):
                 pass
-        emb = self(images)
+        emb = self(images, label)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -74,30 +74,35 @@ class Embedder:
             pass  # a read-only cache only costs time
         return emb
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images: np.ndarray, label: str = "") -> np.ndarray:
+        from tqdm import tqdm
         out = []
         b = self.batch_size
-        for i in range(0, len(images), b):
-            chunk = images[i:i + b]
-            pad = b - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(self._embed(self.state, chunk))[:b - pad])
+        # The first batch also compiles the encoder: the bar shows the run is not hung.
+        with tqdm(total=len(images), desc=f"[embed] {label}", unit="img", disable=not label) as bar:
+            for i in range(0, len(images), b):
+                chunk = images[i:i + b]
+                pad = b - len(chunk)
+                if pad:
+                    chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+                out.append(np.asarray(self._embed(self.state, chunk))[:b - pad])
+                bar.update(b - pad)
         return np.concatenate(out).astype(np.float32)
 
 
 class EmbeddedSource:
     """A source whose "image" is the frozen encoder's embedding (computed on first use)."""
 
-    def __init__(self, source, embedder: Embedder):
+    def __init__(self, source, embedder: Embedder, label: str = ""):
         self.source = source
         self.embedder = embedder
+        self.label = label
         self._items = None
 
     def _load(self):
         if self._items is None:
             exs = [self.source[i] for i in range(len(self.source))]
-            emb = self.embedder.cached(np.stack([np.asarray(e["image"]) for e in exs])) if exs else []
+            emb = self.embedder.cached(np.stack([np.asarray(e["image"]) for e in exs]), self.label) if exs else []
             self._items = [dict(e, pixels=np.asarray(e["image"]), image=emb[i]) for i, e in enumerate(exs)]
         return self._items
 
@@ -121,8 +126,15 @@ class EmbeddedFederation:
         key = (site if isinstance(site, str) else self.fed.sites[site], split)
         if key not in self._cache:
             src = self.fed.train(site) if split == "train" else self.fed.val(site)
-            self._cache[key] = EmbeddedSource(src, self.embedder)
+            self._cache[key] = EmbeddedSource(src, self.embedder, f"{key[0]} {split}")
         return self._cache[key]
+
+    def embed_sites(self, sites) -> None:
+        """Embed the images of `sites` now (a setup phase with progress), not silently
+        inside the first round or evaluation."""
+        for site in sites:
+            for split in ("train", "val"):
+                self._get(site, split)._load()
 
     def train(self, site):
         return self._get(site, "train")

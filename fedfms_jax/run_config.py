@@ -19,6 +19,7 @@ from fedfms_jax.data.registry import FEDERATIONS, federation_info
 METHODS = ("fedmsa", "fedsam")
 MODES = ("federated", "centralized", "local")
 CLIENT_LOOPS = ("vmap", "sequential")
+LOSSES = ("bce", "dice_bce")
 ADAPTER_INITS = ("lecun", "torch_mean")
 ARG_DEFAULTS = dict(method="fedmsa", mode="federated", unseen=0, tiny=False)
 ARG_CHOICES = dict(method=METHODS, mode=MODES)
@@ -64,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.b2 = 0.999
     c.weight_decay = 0.0
     c.pos_weight = 2.0
+    c.loss = "bce"             # bce (the original) | dice_bce (+ soft Dice: a signal when foreground is sparse)
     c.server_optimizer = "fedavg"
     c.server_lr = 1.0
     c.client_loop = "vmap"     # vmap: a device's clients at once; sequential: one at a time (less memory)
@@ -261,6 +263,7 @@ def validate(cfg) -> None:
         (cfg["local_epochs"] >= 1, "local_epochs must be >= 1"),
         (cfg["eval_every"] >= 1, "eval_every must be >= 1"),
         (cfg["lr"] > 0, "lr must be > 0"),
+        (cfg["loss"] in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {cfg['loss']!r}"),
         (cfg["client_loop"] in CLIENT_LOOPS,
          f"client_loop must be vmap or sequential, got {cfg['client_loop']!r}"),
     ]

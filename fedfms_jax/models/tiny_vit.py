@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from fedfms_jax.models.adapters import Adapter
-from fedfms_jax.models.common import LayerNorm2d, gelu
+from fedfms_jax.models.common import LayerNorm2d, depthwise_conv2d, gelu
 from fedfms_jax.models.kernels import KernelPlan, resolve_kernels
 
 
@@ -102,9 +102,15 @@ class Conv2d_BN(nnx.Module):
         self.bn = nnx.BatchNorm(b, use_running_average=True, momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
                                 param_dtype=jnp.float32, rngs=rngs)
         self.dtype = dtype
+        self.depthwise = groups > 1 and groups == a == b
+        self.stride, self.pad = stride, pad
 
     def __call__(self, x):
-        return self.bn(self.c(x), use_running_average=True).astype(self.dtype)
+        if self.depthwise:
+            y = depthwise_conv2d(x, self.c.kernel[...], self.stride, self.pad, self.dtype)
+        else:
+            y = self.c(x)
+        return self.bn(y, use_running_average=True).astype(self.dtype)
 
 
 class PatchEmbed(nnx.Module):

@@ -290,3 +290,19 @@ def test_every_package_is_installed():
                for top in ("fedfms_jax", "weights_convert") for p in (REPO / top).rglob("__init__.py")}
     assert set(doc["packages"]) == folders | {"fedfms_jax.configs"}
     assert (REPO / "configs" / "__init__.py").is_file()
+
+
+def test_loss_field_reaches_the_engine():
+    """loss=dice_bce trains on BCE + soft Dice; anything else is refused in one line."""
+    import numpy as np
+    from fedfms_jax import losses, model_init, run_state
+    cfg = parse_config([*TINY, "--config.loss=dice_bce"])[0]
+    engine = run_state.make_engine(cfg, model_init.build_model(cfg)[1])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 8, 1)).astype(np.float32)
+    y = (rng.random((2, 8, 8, 1)) > 0.7).astype(np.uint8)
+    np.testing.assert_allclose(float(engine.loss(x, y)), float(losses.dice_bce(x, y)), rtol=1e-6)
+    assert abs(float(losses.dice_bce(x, y)) - float(losses.bce_with_logits(x, y))) > 1e-3
+    cfg.loss = "focal"
+    with pytest.raises(UsageError, match="loss must be one of bce, dice_bce"):
+        run_config.validate(cfg)

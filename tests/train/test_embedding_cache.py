@@ -35,3 +35,30 @@ def test_refused_when_encoder_leaves_train():
     with pytest.raises(UsageError, match="frozen image encoder"):
         ec.check_encoder_frozen(part)
     ec.check_encoder_frozen(make_partition(nnx.state(model, nnx.Param), "decoder"))
+
+
+def test_embed_sites_embeds_everything_up_front_with_progress(tmp_path, monkeypatch, capsys):
+    """Setup embeds every image of the named sites, with a progress bar per source; the
+    first round and evaluation then embed nothing more (they would run silently)."""
+    from fedfms_jax.data.federations import synthetic_federation
+    monkeypatch.setenv("FEDFMS_CACHE", str(tmp_path))  # nothing cached from other runs
+    cfg, model = _tiny_model(adapters=False)
+    fed = synthetic_federation(image_size=64, num_sites=3, images_per_site=4)
+    calls = []
+
+    class CountingEmbedder(ec.Embedder):
+        def __call__(self, images, label=""):
+            calls.append(len(images))
+            return super().__call__(images, label)
+
+    embedder = CountingEmbedder(model, cfg["model"]["pixel_norm"], batch_size=2)
+    embedded = ec.EmbeddedFederation(fed, embedder)
+    embedded.embed_sites(["site0", "site2"])
+    expected = [len(fed.train(s)) for s in ("site0", "site2")] + [len(fed.val(s)) for s in ("site0", "site2")]
+    assert sorted(calls) == sorted(n for n in expected if n)
+    err = capsys.readouterr().err
+    assert "[embed] site0 train" in err and "[embed] site2 val" in err and "site1" not in err
+    n_calls = len(calls)
+    for s in ("site0", "site2"):
+        embedded.train(s)[0], embedded.all(s)[0]
+    assert len(calls) == n_calls  # nothing embedded after setup
