@@ -148,12 +148,13 @@ def serve(socket_path: Path) -> None:
 
 
 def _answer(request: dict) -> dict:
+    t0 = time.time()
     try:
         answer = handle(request)
     except Exception as exc:  # noqa: BLE001 (reported to the ClientApp, which fails its message)
         answer = {"error": f"{type(exc).__name__}: {exc}"}
-    if "refused" in answer:
-        print(f"site worker: {answer['refused']}", flush=True)
+    what = answer.get("refused") or answer.get("error") or f"answered in {time.time() - t0:.1f}s"
+    print(f"site worker: {request.get('kind')} {request.get('node', {}).get('site')}: {what}", flush=True)
     return answer
 
 
