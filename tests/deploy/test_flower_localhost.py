@@ -122,10 +122,19 @@ def _records(workdir):
     return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
 
-def test_tls_run_equals_simulation(federation, request):
+@pytest.fixture(scope="module")
+def side_by_side(federation):
+    """The plain and the SecAgg+ run, submitted together: Flower runs them side by side on
+    the same nodes (each node's worker answers one request at a time)."""
+    runs = {"plain": {}, "secagg": {"secagg": True, "evaluate": False}}
+    for name, kw in runs.items():
+        federation.submit(_run_config(federation.root / name, **kw))
+    return {name: federation.root / name for name in runs}
+
+
+def test_tls_run_equals_simulation(federation, side_by_side, request):
     from fedfms_jax.checkpoint import global_params
-    wd = federation.root / "plain"
-    federation.submit(_run_config(wd))
+    wd = side_by_side["plain"]
     simulation = request.getfixturevalue("simulation")  # while the federation runs
     federation.wait_file(wd / "results.json", RUN_TIMEOUT)
     err = rel_err(global_params(wd)[1], simulation[2])
@@ -148,17 +157,15 @@ def test_tls_run_equals_simulation(federation, request):
     assert np.asarray(Image.open(wd / "mask.png")).shape == (40, 52)
 
 
-def test_secagg_run_equals_simulation(federation, simulation):
+def test_secagg_run_equals_simulation(federation, side_by_side, simulation):
     from fedfms_jax.checkpoint import global_params
-    wd = federation.root / "secagg"
-    # One round: the plain run checks what carries over from round to round.
-    federation.run_app(_run_config(wd, secagg=True, evaluate=False, overrides=" ".join(OVERRIDES + ["rounds=1"])),
-                       RUN_TIMEOUT, wd / "results.json")
-    err = rel_err(global_params(wd)[1], simulation[1])
+    wd = side_by_side["secagg"]
+    federation.wait_file(wd / "results.json", RUN_TIMEOUT)
+    err = rel_err(global_params(wd)[1], simulation[2])
     assert err <= 1e-5, err
     recs = _records(wd)
-    assert [r["round"] for r in recs] == [1]  # no evaluation: no round-0 record
-    assert recs[0]["secagg"] and recs[0]["participants"] == TRAIN_SITES
+    assert [r["round"] for r in recs] == [1, 2]  # no evaluation: no round-0 record
+    assert all(r["secagg"] and r["participants"] == TRAIN_SITES for r in recs)
 
 
 def test_supernode_killed_mid_round(federation, simulation):
