@@ -15,8 +15,9 @@ sha256 of the server's starting weights, see `start_weights`):
                optional client-level DP (clip + Gaussian noise); under SecAgg+ the same
                handler answers Flower's legacy fit format inside `secaggplus_mod`
   evaluate  -> metric block of the site (validation split; all data if unseen)
-The client optimizer state is kept in the node's Context state between rounds, as the
-simulation keeps each client's optimizer state.
+The client optimizer state is kept in the node's Context state between rounds (an
+ArrayRecord of its flattened leaves "0", "1", ...; the site worker rebuilds the tree), as
+the simulation keeps each client's optimizer state.
 """
 from __future__ import annotations
 
