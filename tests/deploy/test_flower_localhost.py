@@ -17,6 +17,8 @@ flwr comes with the [test] extra: an ImportError here is a failure, not a skip.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import flwr  # noqa: F401  (fail loudly without the [flower] extra)
@@ -70,9 +72,35 @@ def federation(tmp_path_factory, raw):
         fed.start_superlink()
         for i in range(len(nodes)):
             fed.start_supernode(i)
+        _warm_compilation_cache(fed, raw)
         yield fed
     finally:
         fed.close()
+
+
+_WARM_UP = """if True:
+    import json, sys
+    import jax, numpy as np
+    from fedfms_jax.deploy import site_worker
+    trainer = site_worker.trainer_for(json.loads(sys.argv[1]), json.loads(sys.argv[2]))
+    tree = jax.device_get(trainer.engine.initial_trainable)
+    leaves = [np.asarray(x) for x in trainer.partition.flatten_trainable(tree)]
+    trainer.train(leaves, 1, None)
+    trainer.evaluate(leaves)
+"""
+
+
+def _warm_compilation_cache(fed: LocalFederation, raw) -> None:
+    """One hospital's programs compiled once into the test run's shared compilation cache
+    before the runs start, as a hospital's own cache holds them after its first run: the
+    nodes then load them instead of compiling the same programs side by side on the test
+    machine's few cores (each node still builds its model and data on its first message)."""
+    from fedfms_jax import train, workdir
+    cfg, _ = train.parse_config(["--config", str(REPO / CONFIG), *[f"--config.{o}" for o in OVERRIDES]])
+    site = TRAIN_SITES[0]
+    node = {"site": site, "manual_dir": str(raw / f"hospital_{site}"), "data_dir": str(fed.root / "tfds_warm_up")}
+    subprocess.run([sys.executable, "-c", _WARM_UP, json.dumps(workdir.to_plain(cfg)), json.dumps(node)],
+                   cwd=fed.root, env=fed.env, check=True, timeout=600, capture_output=True)
 
 
 @pytest.fixture(scope="module")
