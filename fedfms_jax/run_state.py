@@ -39,7 +39,9 @@ def enable_compilation_cache() -> None:
 
 
 # ------------------------------------------------------------------------------ data
-def load_federation(cfg: dict):
+def load_federation(cfg: dict, only_sites: tuple[str, ...] = ()):
+    """The config's federation; `only_sites`: those sites alone (a hospital's own data:
+    nothing else is read, and a site's split is the one it has in the whole federation)."""
     from fedfms_jax.data.federations import builder_options, get_federation
     if cfg["federation"] == "synthetic":
         kw = dict(num_sites=cfg["synthetic_sites"], images_per_site=cfg["synthetic_images"],
@@ -47,6 +49,7 @@ def load_federation(cfg: dict):
     else:  # the protocol's data fields (run_config.PROTOCOL_DATA_FIELDS) as builder options
         kw = builder_options(cfg["federation"], fundus_disc=cfg["fundus_disc"], val_split=cfg["val_split"],
                              slice_orientation=cfg["slice_orientation"], resize=cfg["resize"])
+        kw.update({"sites": tuple(only_sites)} if only_sites else {})
     try:
         fed = get_federation(cfg["federation"], image_size=cfg["image_size"],
                              data_dir=cfg["data_dir"] or None, manual_dir=cfg["manual_dir"] or None, **kw)
@@ -54,15 +57,36 @@ def load_federation(cfg: dict):
         raise UsageError(f"federation {cfg['federation']!r}: {exc}") from None
     if fed.num_classes != cfg["num_classes"]:
         raise UsageError(f"config num_classes={cfg['num_classes']} but {fed.name} has {fed.num_classes} classes")
+    if only_sites and cfg["federation"] == "synthetic":  # made in memory: keep the asked sites
+        fed = dataclasses.replace(fed, sites=[s for s in fed.sites if s in only_sites],
+                                  splits={s: fed.splits[s] for s in only_sites})
     return fed
 
 
+def site_names(cfg: dict) -> list[str]:
+    """The federation's sites in client order, known without its data (the registry's;
+    synthetic: the config's count)."""
+    from fedfms_jax.data.registry import federation_info
+    if cfg["federation"] == "synthetic":
+        return [f"site{i}" for i in range(cfg["synthetic_sites"])]
+    sites = list(federation_info(cfg["federation"]).sites)
+    if not sites:
+        raise UsageError(f"federation {cfg['federation']!r} takes its sites from its data: "
+                         "they are not known without it")
+    return sites
+
+
 def resolve_sites(cfg: dict, fed) -> tuple[list[str], str | None]:
-    sites = list(fed.sites)
+    return choose_sites(cfg, list(fed.sites), fed.name)
+
+
+def choose_sites(cfg: dict, sites: list[str], name: str) -> tuple[list[str], str | None]:
+    """(training sites, unseen site) among federation `name`'s `sites` per cfg's sites,
+    unseen and no_unseen."""
     if cfg["sites"]:
         unknown = [s for s in cfg["sites"] if s not in sites]
         if unknown:
-            raise UsageError(f"sites {unknown} not in {fed.name} (sites: {', '.join(sites)})")
+            raise UsageError(f"sites {unknown} not in {name} (sites: {', '.join(sites)})")
         sites = [s for s in sites if s in cfg["sites"]]
     if cfg["no_unseen"]:
         return sites, None

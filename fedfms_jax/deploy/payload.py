@@ -5,13 +5,10 @@ decoder for FedMSA; everything for FedSAM). Flower 1.42 sends an ArrayRecord as
 content-addressed objects, each Array cut into chunks of at most
 FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE bytes (5 MB) pushed and pulled one request each, so
 a 375 MB FedSAM update never needs a raised gRPC message limit.
-
-Opaque state (a client's optimizer state across rounds) is stored as an ArrayRecord of
-its flattened leaves ("0", "1", ...) and rebuilt against a template tree.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -60,20 +57,6 @@ def leaves_to_tree(partition: Partition, leaves: Sequence[np.ndarray]) -> dict:
 
 def record_to_tree(partition: Partition, record) -> dict:
     return leaves_to_tree(partition, record_to_leaves(partition, record))
-
-
-def opaque_to_record(tree: Any):
-    from flwr.app import Array, ArrayRecord
-    leaves = jax.tree.leaves(tree)
-    return ArrayRecord({str(i): Array(np.asarray(jax.device_get(x))) for i, x in enumerate(leaves)})
-
-
-def record_to_opaque(record, like: Any):
-    """Rebuild a pytree shaped like `like` from opaque_to_record's output."""
-    leaves, treedef = jax.tree.flatten(like)
-    if len(record) != len(leaves):
-        raise ValueError(f"stored state has {len(record)} leaves, expected {len(leaves)}")
-    return jax.tree.unflatten(treedef, [record[str(i)].numpy() for i in range(len(leaves))])
 
 
 # ----------------------------------------------------------------- payload size check

@@ -12,11 +12,12 @@ from typing import Any, Mapping
 
 from fedfms_jax.deploy.dp import DPConfig
 
-CONFIG = "config"        # ConfigRecord: {"cfg": json, "round": int}
+CONFIG = "config"        # ConfigRecord: {"cfg": json, "round": int, WEIGHTS_SHA256: str}
+WEIGHTS_SHA256 = "weights_sha256"  # the server's starting weights (see start_weights)
 GLOBAL = "global"        # ArrayRecord: global trainable leaves, keyed by parameter path
 UPDATE = "update"        # ArrayRecord: a client's update (trained - global)
 METRICS = "metrics"      # MetricRecord: loss, steps, num_samples, ...
-INFO = "info"            # ConfigRecord: site, metric block (JSON), ...
+INFO = "info"            # ConfigRecord: site, metric block (JSON), "refused" (one line), ...
 OPT_STATE = "fedfms.client_opt_state"  # ArrayRecord in the node's Context state
 
 # Flower run-config keys -> (name in cfg["deploy"], default)

@@ -74,7 +74,7 @@ def secagg_round(coord, round_: int, trainers: dict[int, dict]):
         return None, {}
     run_id = coord.context.run_id
     proxies = [GridClientProxy(n, coord.grid, run_id) for n in sorted(trainers)]
-    strategy = _strategy_cls()(proxies, {"cfg": coord.cfg_json, "round": round_})
+    strategy = _strategy_cls()(proxies, coord.config_fields(round_))
     ctx = LegacyContext(coord.context, config=ServerConfig(num_rounds=coord.cfg["rounds"]), strategy=strategy)
     params = ndarrays_to_parameters(coord.state.leaves())
     ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, keep_input=True)

@@ -10,6 +10,11 @@ Run config keys (the app's [tool.flwr.app.config], overridable with --run-config
   plus the deployment options of `protocol.DEPLOY_OPTIONS` (secagg, dp-*, evaluate,
   min-nodes, round-timeout, wait-nodes-timeout).
 
+The server reads no hospital's data: it knows the sites by name (the registry). A node
+that cannot take part (no data in the expected layout, other starting weights) answers
+the query with one line; the server logs "node N (site S) dropped: ..." in server.log and
+goes on without it.
+
 Each round: ask new nodes who they are (query), send the global trainable leaves to the
 nodes of training sites (train), aggregate the updates that arrive within round-timeout
 (weights renormalised over them), step the server optimizer, log, evaluate on the nodes
@@ -77,11 +82,17 @@ class Coordinator:
         global _log_path
         _log_path = self.state.path / LOG_FILE
         self.nodes: dict[int, dict] = {}  # node id -> site info
+        self.refused: dict[int, str] = {}  # node id -> why it takes no part
+        log(f"starting weights (init_from={self.cfg['init_from']}, seed {self.cfg['seed']}): "
+            f"sha256 {self.state.weights_sha256}")
 
     # ------------------------------------------------------------------ messaging
+    def config_fields(self, round_: int) -> dict:
+        return {"cfg": self.cfg_json, "round": round_, proto.WEIGHTS_SHA256: self.state.weights_sha256}
+
     def _content(self, round_: int, with_global: bool) -> RecordDict:
         from fedfms_jax.deploy.payload import leaves_to_record
-        rd = RecordDict({proto.CONFIG: ConfigRecord({"cfg": self.cfg_json, "round": round_})})
+        rd = RecordDict({proto.CONFIG: ConfigRecord(self.config_fields(round_))})
         if with_global:
             rd[proto.GLOBAL] = leaves_to_record(self.state.partition.trainable_paths, self.state.leaves())
         return rd
@@ -106,9 +117,13 @@ class Coordinator:
         wait_for_nodes(self.grid, self.opts["min_nodes"], self.opts["wait_nodes_timeout"])
         live = set(self.grid.get_node_ids())
         self.nodes = {n: i for n, i in self.nodes.items() if n in live}
-        new = sorted(live - set(self.nodes))
+        new = sorted(live - set(self.nodes) - set(self.refused))
         for r in self._send(new, MessageType.QUERY, round_, False, self.opts["round_timeout"]):
             info = dict(r.content.config_records[proto.INFO])
+            if "refused" in info:  # one line from the node: no data in the layout, other weights, ...
+                self.refused[r.metadata.src_node_id] = str(info["refused"])
+                log(f"node {r.metadata.src_node_id} (site {info.get('site') or '?'}) dropped: {info['refused']}")
+                continue
             dup = [n for n, i in self.nodes.items() if i["site"] == info["site"]]
             if dup:  # a restarted hospital: its new node replaces the old one
                 for n in dup:

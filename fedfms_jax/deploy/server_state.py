@@ -20,6 +20,7 @@ from fedfms_jax import model_init, results, run_state, workdir as wd
 from fedfms_jax.trained_model import write_final
 from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.deploy.payload import leaves_to_tree
+from fedfms_jax.deploy.start_weights import weights_sha256
 from fedfms_jax.federated import aggregate
 from fedfms_jax.federated.comm import comm_bytes
 from fedfms_jax.federated.fedavg_weights import fedavg_weights
@@ -34,9 +35,13 @@ class ServerState:
     def __init__(self, cfg: dict, workdir: Path):
         run_state.enable_compilation_cache()
         self.cfg = cfg
-        _, model, info = model_init.build_model(cfg)
+        # The training sites by name (the server reads no site's data): the model is built
+        # as the simulation and every node build it.
+        train_sites, _ = run_state.choose_sites(cfg, run_state.site_names(cfg), cfg["federation"])
+        _, model, info = model_init.build_model(cfg, adapter_draws=len(train_sites))
         self.engine = run_state.make_engine(cfg, model)
         self.partition = self.engine.partition
+        self.weights_sha256 = weights_sha256(self.engine.initial_trainable, self.engine.frozen)
         self.server = self.engine.server
         self.model_info = dict(info, trainable_params=self.partition.count(True),
                                frozen_params=self.partition.count(False))

@@ -1,11 +1,14 @@
 """One hospital's side of a deployed run: its own data, the engine's jitted local update.
 
-Everything is rebuilt from the run's config exactly as the simulation builds it (model
-and frozen weights from `init_from` and the seed, the client optimizer, the loss), so a
-site's local update is the same function the simulation vmaps over its clients. The
-site's batches are those the simulation's loader gives this client: the loader seeds
-each client's order with its position among the training sites, so the other sites are
-stood in for by empty placeholders.
+The node reads only its own site, from its own folders (node config `manual-dir` /
+`data-dir`); the other sites are known by name only (the registry's list), which fixes
+the training order. Model and frozen weights come from `init_from` (or the node's own
+copy, `weights-dir`) and the seed exactly as the simulation builds them, so a site's
+local update is the same function the simulation vmaps over its clients; the server's
+hash of the starting weights checks that (see `start_weights`). The site's batches are
+those the simulation's loader gives this client: the loader seeds each client's order
+with its position among the training sites, so the other sites are stood in for by empty
+placeholders.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 from fedfms_jax import model_init, run_state
 from fedfms_jax.cli_errors import UsageError
 from fedfms_jax.deploy.payload import leaves_to_tree
+from fedfms_jax.deploy.start_weights import weights_sha256
 from fedfms_jax.evaluation import evaluate_source, make_eval_step
 
 
@@ -35,33 +39,46 @@ class _Placeholder:
         return self._ex
 
 
+def node_config(cfg: dict, *, data_dir: str = "", manual_dir: str = "", weights_dir: str = "") -> dict:
+    """The run's config as this node sees it: its own data folders and weights copy."""
+    cfg = json.loads(json.dumps(cfg))
+    for key, value in (("data_dir", data_dir), ("manual_dir", manual_dir), ("init_from", weights_dir)):
+        if value:
+            cfg[key] = value
+    return cfg
+
+
 class SiteTrainer:
     """Local training and evaluation of `site` under config `cfg` (a plain config dict).
 
-    data_dir / manual_dir: where this hospital's TFDS data / raw files are (override the
-    config's, which name the server's view of the world).
+    data_dir / manual_dir: where this hospital's TFDS data / raw files are; weights_dir:
+    its copy of the starting weights (each overrides the config's, which name the
+    server's view of the world).
     """
 
-    def __init__(self, cfg: dict, site: str, *, data_dir: str = "", manual_dir: str = ""):
-        cfg = json.loads(json.dumps(cfg))
-        if data_dir:
-            cfg["data_dir"] = data_dir
-        if manual_dir:
-            cfg["manual_dir"] = manual_dir
+    def __init__(self, cfg: dict, site: str, *, data_dir: str = "", manual_dir: str = "", weights_dir: str = ""):
+        cfg = node_config(cfg, data_dir=data_dir, manual_dir=manual_dir, weights_dir=weights_dir)
         if cfg["mode"] != "federated":
             raise UsageError(f"deployment runs mode=federated only, config has {cfg['mode']!r}")
+        names = run_state.site_names(cfg)
+        if site not in names:
+            raise UsageError(f"site {site!r} is not in {cfg['federation']} (sites: {', '.join(names)})")
         run_state.enable_compilation_cache()
         self.cfg, self.site = cfg, site
-        self.fed = run_state.load_federation(cfg)
-        if site not in self.fed.sites:
-            raise UsageError(f"site {site!r} is not in {self.fed.name} (sites: {', '.join(self.fed.sites)})")
-        self.train_sites, self.unseen_site = run_state.resolve_sites(cfg, self.fed)
+        self.train_sites, self.unseen_site = run_state.choose_sites(cfg, names, cfg["federation"])
         self.index = self.train_sites.index(site) if site in self.train_sites else None
-        _, model, _ = model_init.build_model(cfg)
+        self.fed = run_state.load_federation(cfg, only_sites=(site,))
+        _, model, _ = model_init.build_model(cfg, adapter_draws=len(self.train_sites))
         self.engine = run_state.make_engine(cfg, model)
         self.partition = self.engine.partition
+        self.weights_sha256 = weights_sha256(self.engine.initial_trainable, self.engine.frozen)
         self._update = jax.jit(self.engine.local_update)
         self.eval_step = make_eval_step(self.engine.graphdef, self.partition, self.engine.forward)
+
+    def info(self) -> dict:
+        """What the server needs to know about this node before a round."""
+        return {"site": self.site, "trains": int(self.trains), "unseen": int(self.site == self.unseen_site),
+                "index": -1 if self.index is None else self.index, "num_samples": self.num_samples}
 
     # ------------------------------------------------------------------------------ train
     @property
@@ -121,16 +138,3 @@ class SiteTrainer:
     def close(self) -> None:
         if "loader" in self.__dict__:
             self.loader.close()
-
-
-def site_info(cfg: dict, site: str, *, data_dir: str = "", manual_dir: str = "") -> dict:
-    """What the server needs to know about a node before a round (no model built)."""
-    cfg = dict(cfg, data_dir=data_dir or cfg["data_dir"], manual_dir=manual_dir or cfg["manual_dir"])
-    fed = run_state.load_federation(cfg)
-    if site not in fed.sites:
-        raise UsageError(f"site {site!r} is not in {fed.name} (sites: {', '.join(fed.sites)})")
-    train_sites, unseen = run_state.resolve_sites(cfg, fed)
-    trains = site in train_sites
-    return {"site": site, "trains": int(trains), "unseen": int(site == unseen),
-            "index": train_sites.index(site) if trains else -1,
-            "num_samples": len(fed.train(site)) if trains else 0}

@@ -38,3 +38,13 @@ def blob_image(rng, h, w, rgb=True):
     m[h // 4: 3 * h // 4, w // 3: 2 * w // 3] = True
     img[m] = 200
     return img, m
+
+
+def prostate_site(root: Path, site: str, rng, cases: int = 3, shape=(20, 24, 5)) -> Path:
+    """One prostate site in the SAML release layout: <root>/<site>/CaseNN.nii.gz +
+    CaseNN_segmentation.nii.gz."""
+    for c in range(cases):
+        vol, lab = blob_volume(rng, shape, fg_slices=[1, 2, 3])
+        nifti(root / site / f"Case{c:02d}.nii.gz", vol)
+        nifti(root / site / f"Case{c:02d}_segmentation.nii.gz", lab)
+    return root / site

@@ -98,3 +98,27 @@ def test_prostate_slice_orientation_and_original_split(raw, tmp_path):
     assert ex_xy[case_id]["mask"].any()
     for key in ex_xy:  # "yx" is the same slice transposed: [Y, X]
         np.testing.assert_array_equal(ex_yx[key]["image"], ex_xy[key]["image"].transpose(1, 0, 2))
+
+
+def test_one_site_build_reads_only_that_site(raw, tmp_path):
+    """A hospital holding only its own folder builds its site alone: the same split and
+    examples as in the whole federation's build, under a builder config of its own."""
+    import shutil
+    whole = get_federation("prostate", image_size=32, data_dir=tmp_path / "all", manual_dir=raw)
+    own = tmp_path / "hospital"
+    shutil.copytree(raw / "ISBI_1.5", own / "ISBI_1.5")
+    one = get_federation("prostate", image_size=32, data_dir=tmp_path / "all", manual_dir=own,
+                         sites=("ISBI_1.5",))
+    assert one.sites == ["ISBI_1.5"]
+    for part in ("train", "val"):
+        a, b = getattr(whole, part)("ISBI_1.5"), getattr(one, part)("ISBI_1.5")
+        assert len(a) == len(b) > 0
+        for i in range(len(a)):
+            assert a[i]["case_id"] == b[i]["case_id"]
+            np.testing.assert_array_equal(a[i]["image"], b[i]["image"])
+            np.testing.assert_array_equal(a[i]["mask"], b[i]["mask"])
+    with pytest.raises(DataError, match=r"missing site folder .*HK.*expected layout") as e:
+        get_federation("prostate", image_size=32, data_dir=tmp_path / "x", manual_dir=own, sites=("HK",))
+    assert "\n" not in e.value.message
+    with pytest.raises(ValueError, match="no site.*Mars"):
+        get_federation("prostate", image_size=32, data_dir=tmp_path / "x", manual_dir=own, sites=("Mars",))

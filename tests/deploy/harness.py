@@ -1,5 +1,6 @@
 """A Flower federation on localhost for tests: SuperLink + SuperNodes as real processes,
-TLS with a throwaway CA, SuperNode authentication with registered EC keys.
+TLS with a throwaway CA, SuperNode authentication with registered EC keys, and beside each
+SuperNode its long-lived site worker (`fedfms_jax.deploy.site_worker`), as a hospital runs them.
 
 Every process gets its own session (process group) so it is killed with its children
 (the ServerApp / ClientApp processes Flower spawns); `close()` kills whatever is left.
@@ -36,22 +37,27 @@ def _wait_port(port: int, timeout: float) -> None:
 
 
 class LocalFederation:
-    def __init__(self, root: Path, sites: list[str], *, auth: bool = True):
+    def __init__(self, root: Path, nodes: list[dict[str, str]], *, auth: bool = True):
+        """nodes: each SuperNode's node config (site, manual-dir, data-dir, ...)."""
         from fedfms_jax.deploy import tls
         self.root = Path(root)
-        self.sites = list(sites)
+        self.nodes = [dict(n) for n in nodes]
+        self.sites = [n["site"] for n in nodes]
         self.auth = auth
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self.certs = tls.make_certificates(self.root / "certs")
-        self.keys = [tls.make_node_keys(self.root / "certs", f"node_{i}") for i in range(len(sites))]
+        self.keys = [tls.make_node_keys(self.root / "certs", f"node_{i}") for i in range(len(nodes))]
         self.port = free_port()
         self.home = self.root / "flwr_home"
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\n'
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs["ca"]}"\n')
+        # FLWR_SUPEREXEC_TASK_POLL_INTERVAL: a node starts its ClientApp 0.1 s after a
+        # message arrives instead of up to 1 s.
         self.env = dict(os.environ, FLWR_HOME=str(self.home), PYTHONUNBUFFERED="1",
+                        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
                         JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
                         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
         self.env.pop("XLA_FLAGS", None)  # one CPU device per hospital process
@@ -83,13 +89,17 @@ class LocalFederation:
 
     def start_supernode(self, i: int) -> None:
         key = self.keys[i][0] if self.auth else None
-        self.start_node(f"supernode_{i}", self.sites[i], key)
+        self.start_node(f"supernode_{i}", self.nodes[i], key)
 
-    def start_node(self, name: str, site: str, private_key: Path | None) -> subprocess.Popen:
-        """A SuperNode for `site` presenting `private_key` (None: no key of its own)."""
+    def start_node(self, name: str, node_config: dict[str, str], private_key: Path | None) -> subprocess.Popen:
+        """A SuperNode with `node_config` and its site worker, presenting `private_key`
+        (None: no key of its own)."""
+        sock = self.root / f"{name}.sock"
+        self._start(f"{name}_worker", [sys.executable, "-m", "fedfms_jax.deploy.site_worker", "--socket", str(sock)])
+        config = " ".join(f"{k}='{v}'" for k, v in dict(node_config, worker=str(sock)).items())
         argv = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                 "--root-certificates", str(self.certs["ca"]),
-                "--port", str(free_port()), "--node-config", f"site='{site}'"]
+                "--port", str(free_port()), "--node-config", config]
         if private_key is not None:
             argv += ["--auth-supernode-private-key", str(private_key)]
         return self._start(name, argv)
@@ -97,6 +107,8 @@ class LocalFederation:
     def kill(self, name: str) -> None:
         """SIGKILL a started process, its process group and every descendant (Flower
         starts the ServerApp / ClientApp processes in sessions of their own)."""
+        if not name.endswith("_worker"):
+            self.kill(f"{name}_worker")  # the hospital machine goes down as a whole
         p = self.procs.get(name)
         if p is None:
             return

@@ -77,17 +77,6 @@ def test_payload_mismatch_is_refused(partition):
         payload.record_to_leaves(part, payload.leaves_to_record(["mask_decoder/k"], [np.zeros((2, 3))]))
 
 
-def test_opaque_state_round_trip():
-    import optax
-    tree = {"a": jnp.ones((2, 2)), "b": jnp.zeros(3)}
-    state = optax.adam(1e-3).init(tree)
-    rec = payload.opaque_to_record(state)
-    back = payload.record_to_opaque(rec, state)
-    assert type(back) is type(state)
-    np.testing.assert_array_equal(back[0].mu["a"], np.zeros((2, 2)))
-
-
-# ----------------------------------------------------------------------------- TLS
 def test_certificates_chain_and_node_keys(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization

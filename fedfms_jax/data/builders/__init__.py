@@ -59,14 +59,18 @@ def default_data_dir() -> str:
 
 def make_builder(name: str, *, image_size: int, data_dir=None, **kw):
     """The builder of federation `name`. Options left at their default are dropped, so a
-    builder config's name (and its prepared data) only changes with a non-default option."""
+    builder config's name (and its prepared data) only changes with a non-default option.
+    `sites=(...)` builds only those sites (a hospital's own data), under a config of its own."""
     from fedfms_jax.data.builders.base import make_config
     cls = builder_class(name)
     known = dict(cls.BASE_OPTIONS, **cls.OPTIONS)
-    unknown = set(kw) - {"val_fraction", "split_seed"} - set(known)
+    unknown = set(kw) - {"val_fraction", "split_seed", "sites"} - set(known)
     if unknown:
         raise TypeError(f"{name} takes no option(s) {sorted(unknown)}; options: "
-                        f"val_fraction, split_seed{''.join(', ' + k for k in known)}")
+                        f"val_fraction, split_seed, sites{''.join(', ' + k for k in known)}")
+    strangers = [s for s in kw.get("sites", ()) if cls.SITES and s not in cls.SITES]
+    if strangers:
+        raise ValueError(f"{name} has no site(s) {', '.join(strangers)}; sites: {', '.join(cls.SITES)}")
     kw = {k: v for k, v in kw.items() if k not in known or v != known[k]}
     config = make_config(image_size, **kw)
     predefined = {c.name for c in cls.BUILDER_CONFIGS}

@@ -43,17 +43,22 @@ class FederationConfig(tfds.core.BuilderConfig):
     val_fraction: float = 0.1  # the original moves 10% of each client's data to validation
     split_seed: int = 0
     options: tuple = ()  # builder-specific (key, value) pairs
+    sites: tuple = ()  # only these sites (a hospital's own); empty: every site
 
 
-def make_config(image_size: int, val_fraction: float = 0.1, split_seed: int = 0,
+def make_config(image_size: int, val_fraction: float = 0.1, split_seed: int = 0, sites: tuple = (),
                 **options) -> FederationConfig:
+    """A builder config; `sites` restricts the build to those sites (each site's split is
+    seeded by its own name, so a site reads the same examples built alone or with all)."""
     name = f"s{image_size}"
     if val_fraction != 0.1 or split_seed != 0:
         name += f"_val{int(round(val_fraction * 1000)):03d}_seed{split_seed}"
     for k, v in sorted(options.items()):
         name += f"_{k}-{preprocess.sanitize(str(v))}"
+    if sites:
+        name += "_only-" + "-".join(preprocess.sanitize(s) for s in sites)
     return FederationConfig(name=name, image_size=image_size, val_fraction=val_fraction,
-                            split_seed=split_seed, options=tuple(sorted(options.items())),
+                            split_seed=split_seed, options=tuple(sorted(options.items())), sites=tuple(sites),
                             description=f"images {image_size}px, masks {image_size // 4}px")
 
 
@@ -84,6 +89,10 @@ class FederationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         opts = dict(self.BASE_OPTIONS, **self.OPTIONS)
         opts.update(dict(self.builder_config.options))
         return opts[key]
+
+    def sites_to_build(self) -> tuple[str, ...]:
+        """The sites `discover` reads: the config's `sites`, else every site."""
+        return self.builder_config.sites or self.SITES
 
     def missing(self, what: str) -> DataError:
         return DataError(f"{self.name}: {what}; {self.manual_instructions()}")
@@ -117,7 +126,11 @@ class FederationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     def _split_generators(self, dl_manager):
         root = self._manual_root(dl_manager) if self.NEEDS_MANUAL else None
         cases = self.discover(root)
-        cfg = self.builder_config
+        if self.builder_config.sites:
+            absent = [s for s in self.builder_config.sites if s not in cases]
+            if absent:
+                raise self.missing(f"no data of site(s) {', '.join(absent)} under {root}")
+            cases = {s: c for s, c in cases.items() if s in self.builder_config.sites}
         splits, sizes = {}, {}
         for site, site_cases in cases.items():
             if not site_cases:

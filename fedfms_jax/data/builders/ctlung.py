@@ -30,7 +30,7 @@ class FedfmsCtlung(FederationBuilder):
 
     def discover(self, root: Path) -> dict[str, list[Case]]:
         out = {}
-        for site in self.SITES:
+        for site in self.sites_to_build():
             img_dir, mask_dir = root / site / "images", root / site / "masks"
             if not img_dir.is_dir():
                 raise self.missing(f"missing folder {img_dir}")

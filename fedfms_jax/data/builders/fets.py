@@ -62,7 +62,7 @@ class FedfmsFets(FederationBuilder):
         part_csv = base / "partitioning_1.csv" if (base / "partitioning_1.csv").is_file() else csvs[0]
         partitions = read_partitioning(part_csv)
         out = {}
-        for site in self.SITES:
+        for site in self.sites_to_build():
             subjects = partitions.get(site)
             if not subjects:
                 raise self.missing(f"partition {site} not in {part_csv}")

@@ -48,7 +48,7 @@ class FedfmsFundus(FederationBuilder):
     def discover(self, root: Path) -> dict[str, list[Case]]:
         out = {}
         rim_only = bool(self.option("disc_excludes_cup"))
-        for site in self.SITES:
+        for site in self.sites_to_build():
             folder = root / site
             if not folder.is_dir():
                 raise self.missing(f"missing site folder {folder}")

@@ -90,7 +90,7 @@ class FedfmsNuclei(FederationBuilder):
     def discover(self, root: Path) -> dict[str, list[Case]]:
         out = {}
         folds: dict[int, dict] = {}
-        for site in self.SITES:
+        for site in self.sites_to_build():
             folder = root / site
             if site in PANNUKE_SITES and not (folder / "images").is_dir():
                 fold, tissue = PANNUKE_SITES[site]

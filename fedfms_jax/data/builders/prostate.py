@@ -48,7 +48,7 @@ class FedfmsProstate(FederationBuilder):
         if orientation not in preprocess.SLICE_ORIENTATIONS:
             raise ValueError(f"slice_orientation must be one of {sorted(preprocess.SLICE_ORIENTATIONS)}")
         out = {}
-        for site in self.SITES:
+        for site in self.sites_to_build():
             folder = root / site
             if not folder.is_dir():
                 raise self.missing(f"missing site folder {folder}")
