@@ -266,7 +266,7 @@ def test_train_help_lists_options_and_fields(capsys):
 
 
 @pytest.mark.parametrize("module,needles", [
-    ("fedfms_jax.train", ["--workdir DIR", "--config.lr=0.002"]),
+    ("fedfms_jax.train", ["--workdir DIR", "--config.lr=0.001"]),
     ("fedfms_jax.predict", ["--weights DIR", "--input FILE", "--box x0,y0,x1,y1"]),
     ("fedfms_jax.evaluate", ["--workdir DIR", "--round R"]),
     ("fedfms_jax.benchmark", ["--no-torch", "image_size=256"]),
