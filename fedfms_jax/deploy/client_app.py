@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfms_jax.deploy import protocol as proto
@@ -52,10 +52,6 @@ def _ask(context: Context, kind: str, conf, **fields) -> dict:
     return answer
 
 
-def _leaves_to_record(names, leaves) -> ArrayRecord:
-    return ArrayRecord({n: Array(np.asarray(x)) for n, x in zip(names, leaves)})
-
-
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     answer = _ask(context, "query", msg.content.config_records[proto.CONFIG])
@@ -80,7 +76,7 @@ def _local_round(conf, global_leaves, context: Context):
     opt_state = None if stored is None else [stored[str(i)].numpy() for i in range(len(stored))]
     answer = _ask(context, "train", conf, round=int(conf["round"]), opt_state=opt_state,
                   **{"global": [np.asarray(x) for x in global_leaves]})
-    context.state.array_records[proto.OPT_STATE] = _leaves_to_record(
+    context.state.array_records[proto.OPT_STATE] = proto.leaves_to_record(
         [str(i) for i in range(len(answer["opt_state"]))], answer["opt_state"])
     stats, update = answer["stats"], answer["update"]
     metrics = {"loss": stats["loss"], "steps": stats["steps"], "finite": int(stats["finite"]),
@@ -99,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
     conf = msg.content.config_records[proto.CONFIG]
     record = msg.content.array_records[proto.GLOBAL]
     update, metrics, site = _local_round(conf, list(record.to_numpy_ndarrays()), context)
-    content = RecordDict({proto.UPDATE: _leaves_to_record(list(record.keys()), update),
+    content = RecordDict({proto.UPDATE: proto.leaves_to_record(list(record.keys()), update),
                           proto.METRICS: MetricRecord(metrics),
                           proto.INFO: ConfigRecord({"site": site})})
     return Message(content, reply_to=msg)

@@ -27,11 +27,6 @@ def tree_to_record(partition: Partition, trainable: Mapping):
     return ArrayRecord({p: Array(x) for p, x in zip(partition.trainable_paths, leaves)})
 
 
-def leaves_to_record(paths: Sequence[str], leaves: Sequence[np.ndarray]):
-    from flwr.app import Array, ArrayRecord
-    return ArrayRecord({p: Array(np.asarray(x)) for p, x in zip(paths, leaves)})
-
-
 def record_to_leaves(partition: Partition, record) -> list[np.ndarray]:
     """ArrayRecord -> leaves in `trainable_paths` order; checks names, shapes, dtypes."""
     expected = list(partition.trainable_paths)

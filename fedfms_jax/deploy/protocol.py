@@ -8,7 +8,7 @@ simulation uses. The server sends both to every node inside each message, as JSO
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from fedfms_jax.deploy.dp import DPConfig
 
@@ -57,3 +57,12 @@ def dp_config(cfg: Mapping[str, Any]) -> DPConfig:
                   delta=float(d.get("dp_delta", 1e-5)))
     dp.validate()
     return dp
+
+
+def leaves_to_record(names: Sequence[str], leaves: Sequence[Any]):
+    """ArrayRecord of `leaves` keyed by `names`. Here rather than in `payload` so that the
+    ClientApp, which hands its work to the site worker, starts without importing JAX."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+    return ArrayRecord({n: Array(np.asarray(x)) for n, x in zip(names, leaves)})
+

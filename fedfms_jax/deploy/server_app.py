@@ -91,10 +91,9 @@ class Coordinator:
         return {"cfg": self.cfg_json, "round": round_, proto.WEIGHTS_SHA256: self.state.weights_sha256}
 
     def _content(self, round_: int, with_global: bool) -> RecordDict:
-        from fedfms_jax.deploy.payload import leaves_to_record
         rd = RecordDict({proto.CONFIG: ConfigRecord(self.config_fields(round_))})
         if with_global:
-            rd[proto.GLOBAL] = leaves_to_record(self.state.partition.trainable_paths, self.state.leaves())
+            rd[proto.GLOBAL] = proto.leaves_to_record(self.state.partition.trainable_paths, self.state.leaves())
         return rd
 
     def _send(self, node_ids, message_type: str, round_: int, with_global: bool, timeout: float):
@@ -242,7 +241,7 @@ def payload_check(grid: Grid, context: Context) -> None:
     leaves = pl.random_leaves(shapes)
     sent = pl.digest(leaves)
     nbytes = int(sum(x.nbytes for x in leaves))
-    record = pl.leaves_to_record(paths, leaves)
+    record = proto.leaves_to_record(paths, leaves)
     del leaves
     wait_for_nodes(grid, 1, float(context.run_config.get("wait-nodes-timeout", 600.0)))
     node = sorted(grid.get_node_ids())[0]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedfms_jax.deploy import dp as dp_lib, payload, tls
+from fedfms_jax.deploy import dp as dp_lib, payload, protocol, tls
 
 
 # ------------------------------------------------------------------------------- DP
@@ -69,12 +69,12 @@ def test_payload_round_trip_only_trainable(partition):
 
 def test_payload_mismatch_is_refused(partition):
     part, _ = partition
-    bad = payload.leaves_to_record(["image_encoder/A/b", "mask_decoder/k"],
+    bad = protocol.leaves_to_record(["image_encoder/A/b", "mask_decoder/k"],
                                    [np.zeros(5, np.float32), np.zeros((3, 2), np.float32)])
     with pytest.raises(ValueError, match="mask_decoder/k"):
         payload.record_to_leaves(part, bad)
     with pytest.raises(ValueError, match="missing"):
-        payload.record_to_leaves(part, payload.leaves_to_record(["mask_decoder/k"], [np.zeros((2, 3))]))
+        payload.record_to_leaves(part, protocol.leaves_to_record(["mask_decoder/k"], [np.zeros((2, 3))]))
 
 
 def test_certificates_chain_and_node_keys(tmp_path):
@@ -126,3 +126,4 @@ def test_run_config_is_the_training_clis(tmp_path, monkeypatch):
         ["--config", str(REPO / "configs" / "synthetic.py"), "--config.tiny=true"])[0]
     with pytest.raises(ValueError, match="field=value"):
         training_config("configs/synthetic.py", "tiny")
+
