@@ -92,6 +92,10 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", type=int, default=0, help="SuperNode auth key pairs to make")
     ap.add_argument("--days", type=int, default=365)
     a = ap.parse_args(argv)
+    if (Path(a.out) / "ca.crt").exists():  # new ones would invalidate what the hospitals hold
+        print(f"{Path(a.out) / 'ca.crt'} exists: the SuperLink's certificate and the nodes' keys come from it; "
+              "make new ones in another folder", file=sys.stderr)
+        return 2
     paths = make_certificates(Path(a.out), ("localhost", "127.0.0.1", *a.host), days=a.days)
     for i in range(a.nodes):
         make_node_keys(Path(a.out), f"node_{i}")

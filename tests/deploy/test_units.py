@@ -127,3 +127,14 @@ def test_run_config_is_the_training_clis(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="field=value"):
         training_config("configs/synthetic.py", "tiny")
 
+
+def test_tls_command_refuses_to_replace_an_existing_ca(tmp_path, capsys):
+    """A second run into the same folder would invalidate every hospital's certificate
+    and key: one line, exit 2, nothing rewritten."""
+    out = tmp_path / "certs"
+    assert tls.main([str(out), "--host", "superlink.example.org", "--nodes", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"ca.crt", "server.pem", "server.key", "node_0", "node_1.pub"} <= set(before)
+    assert tls.main([str(out), "--nodes", "2"]) == 2
+    assert "ca.crt exists" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
