@@ -19,6 +19,7 @@ from fedfms_jax.data.registry import FEDERATIONS, federation_info
 METHODS = ("fedmsa", "fedsam")
 MODES = ("federated", "centralized", "local")
 CLIENT_LOOPS = ("vmap", "sequential")
+PLANS = ("auto", "off")
 LOSSES = ("bce", "dice_bce")
 ADAPTER_INITS = ("lecun", "torch_mean")
 ARG_DEFAULTS = dict(method="fedmsa", mode="federated", unseen=0, tiny=False)
@@ -69,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.server_optimizer = "fedavg"
     c.server_lr = 1.0
     c.client_loop = "vmap"     # vmap: a device's clients at once; sequential: one at a time (less memory)
+    c.plan = "off"             # auto: choose client_loop, remat and dtype that fit the device (memory_plan)
+    c.plan_memory_gb = 0.0     # plan=auto: GB per device to plan for (0 = what the device reports)
     # --- evaluation and outputs
     c.eval_every = 5
     c.eval_batch_size = 8
@@ -104,10 +107,20 @@ def federation_config(federation: str, arg: str | None = None) -> ml_collections
     c.model.adapters = args["method"] == "fedmsa"
     if info.paper:  # FedSAM/FedMSA fine-tune SAM: never a random ViT-B unless asked for
         c.init_from = SAM_VIT_B_DIR
+        c.plan = "auto"  # ViT-B at 1024: the round settings that fit the device found
     c.protocol = "fedfms" if info.paper else "clean"
     apply_protocol(c)
     c.tiny = args["tiny"]
     return c
+
+
+def with_plan_settings(cfg, settings: Mapping) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with a memory plan's settings (client_loop, remat, dtype) applied."""
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.client_loop = settings["client_loop"]
+    out.model.remat = settings["remat"]
+    out.model.dtype = settings["dtype"]
+    return out
 
 
 def apply_tiny(c: ml_collections.ConfigDict) -> None:
@@ -266,6 +279,8 @@ def validate(cfg) -> None:
         (cfg["loss"] in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {cfg['loss']!r}"),
         (cfg["client_loop"] in CLIENT_LOOPS,
          f"client_loop must be vmap or sequential, got {cfg['client_loop']!r}"),
+        (cfg["plan"] in PLANS, f"plan must be auto or off, got {cfg['plan']!r}"),
+        (cfg["plan_memory_gb"] >= 0, "plan_memory_gb must be >= 0 (0: the device's own memory)"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedfms_jax import config_cli, curves, results, run_config, run_state, workdir as wd
+from fedfms_jax import config_cli, curves, memory_plan, results, run_config, run_state, workdir as wd
 from fedfms_jax.checkpoint import Checkpointer
 from fedfms_jax.cli_errors import DivergedError, run_cli
 from fedfms_jax.evaluation import evaluate_federation, format_table
@@ -61,9 +61,14 @@ def log(msg: str) -> None:
 
 # ===================================================================================== main
 def main(argv: Sequence[str]) -> int:
-    cfg, workdir = parse_config(argv)
+    given, workdir = parse_config(argv)
     run_state.enable_compilation_cache()
-    path, resuming = wd.prepare(workdir, cfg)  # refuses before anything is written
+    path, resuming = wd.prepare(workdir, given)  # refuses before anything is written
+    # plan=auto: the round settings that fit this device, chosen once per work dir.
+    planned = wd.read_plan(path) if resuming else memory_plan.auto_settings(given, log=log)
+    if planned and resuming:
+        log(f"[plan] as chosen when this work dir was made: {memory_plan.overrides(planned)}")
+    cfg = run_config.with_plan_settings(given, planned) if planned else given
 
     # ---------------------------------------------------------- data / model / optimizer / mesh
     t_setup = time.time()
@@ -83,7 +88,9 @@ def main(argv: Sequence[str]) -> int:
 
     # ------------------------------------------------------------------------- checkpoint
     if not resuming:
-        wd.create(path, cfg)
+        wd.create(path, given)
+        if planned:
+            wd.write_plan(path, planned)
     ckpt = Checkpointer(path / wd.CKPT_DIR, keep=cfg["checkpoint_keep"])
     mlog = wd.MetricsLog(path / wd.METRICS_FILE)
     board = curves.TensorBoardLog(path / curves.TENSORBOARD_DIR)

@@ -23,6 +23,9 @@ METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 CKPT_DIR = "checkpoints"
 OVERLAY_DIR = "overlays"
+# The round settings a plan=auto run chose (memory_plan): a resumed run keeps them, and
+# every command that rebuilds the run from the work dir sees them.
+PLAN_FILE = "plan.json"
 
 
 def to_plain(cfg) -> dict:
@@ -111,14 +114,32 @@ def write_atomic(target: Path, text: str) -> None:
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """A work dir's config (fields it predates take their defaults)."""
+    """A work dir's config as the run ran it (fields it predates take their defaults, and
+    the memory plan's settings, if it chose any, are applied)."""
     cfg_file = Path(workdir) / CONFIG_FILE
     if not cfg_file.is_file():
         raise UsageError(f"{workdir} is not a training work dir (no {CONFIG_FILE})")
     try:
-        return run_config.from_json(json.loads(cfg_file.read_text()))
+        cfg = run_config.from_json(json.loads(cfg_file.read_text()))
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise UsageError(f"{cfg_file} is unreadable ({exc})") from None
+    settings = read_plan(workdir)
+    return run_config.with_plan_settings(cfg, settings) if settings else cfg
+
+
+def write_plan(workdir: Path, settings: Mapping) -> None:
+    write_atomic(Path(workdir) / PLAN_FILE, json.dumps(dict(settings), sort_keys=True) + "\n")
+
+
+def read_plan(workdir: str | os.PathLike) -> dict | None:
+    """The settings a memory plan chose for this work dir, None if it chose none."""
+    plan_file = Path(workdir) / PLAN_FILE
+    if not plan_file.is_file():
+        return None
+    try:
+        return json.loads(plan_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{plan_file} is unreadable ({exc}); delete it to plan again") from None
 
 
 class MetricsLog:

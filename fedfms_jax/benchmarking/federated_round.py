@@ -78,6 +78,9 @@ def combine(cfg, j: dict, t: dict | None) -> dict:
         # MFU against the same peak (the JAX side's measured or datasheet figure).
         t["achieved_flops"] = j["flops_per_image"] * t["images_per_s"]
         t["mfu"] = t["achieved_flops"] / j["peak_flops"]
+        # ... and against PyTorch's own matmul rate, the fairer bound for its fp32 kernels.
+        own = t.get("matmul_peak_flops")
+        t["mfu_own_peak"] = t["achieved_flops"] / own if own else None
     return {
         "mode": "round",
         "images_per_round": cfg.steps * cfg.clients * cfg.batch,

@@ -19,6 +19,10 @@ SUMMARY_KEYS = (
 )
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 def _fmt(v: Any, unit: str = "") -> str:
     if v is None:
         return "-"
@@ -68,8 +72,9 @@ def format_round(r: dict) -> str:
             f"    step            {_fmt(t['step_s'])} s per client step",
             f"    aggregation     {_fmt(t['aggregate_s'])} s",
             f"    eval            {_fmt(t.get('eval_images_per_s'))} img/s",
-            f"    achieved        {_fmt(t['achieved_flops'])} FLOP/s; MFU {100 * t['mfu']:.1f}% "
-            f"(torch's own fp32 matmul: {_fmt(t.get('matmul_peak_flops'))} FLOP/s)",
+            f"    achieved        {_fmt(t['achieved_flops'])} FLOP/s; MFU {100 * t['mfu']:.1f}% of the JAX "
+            f"peak above, {_pct(t.get('mfu_own_peak'))} of torch's own fp32 matmul "
+            f"({_fmt(t.get('matmul_peak_flops'))} FLOP/s)",
             f"  speedup (JAX / PyTorch images/s): {r['speedup']:.2f}x "
             f"({'each side in its own process' if r.get('processes') == 'separate' else 'both in one process'})",
         ]
