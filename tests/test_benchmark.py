@@ -189,18 +189,22 @@ def test_ops_are_grouped_by_kind():
     assert ops.op_group("custom-call.1")[0] == ops.OTHER
 
 
-def test_matmul_ops_are_found_in_the_compiled_hlo():
+def test_products_and_reductions_are_found_in_the_compiled_hlo():
     from fedfms_jax.benchmarking import ops
 
     a = jnp.ones((64, 64))
     hlo = jax.jit(lambda a, b: jnp.tanh(a @ b) + 1).lower(a, a).compile().as_text()
-    products = ops.matmul_ops(hlo)
     # Whatever XLA:CPU names the product (a dot, a YNNPACK or oneDNN fusion), it is found,
     # and the elementwise tail is not taken for one.
-    assert len(products) == 1, products
+    assert list(ops.hlo_categories(hlo).values()) == [ops.MATMUL], ops.hlo_categories(hlo)
     assert ops.hlo_module_name(hlo).startswith("jit_")
     elementwise = jax.jit(lambda a: jnp.tanh(a) + 1).lower(a).compile().as_text()
-    assert ops.matmul_ops(elementwise) == set()
+    assert ops.hlo_categories(elementwise) == {}
+    reduction = jax.jit(lambda a: jnp.max(jnp.abs(a), axis=0)).lower(a).compile().as_text()
+    assert list(ops.hlo_categories(reduction).values()) == [ops.REDUCTION]
+    # A branch's event spans the ops it runs, whatever JAX named it ('cond.N').
+    branch = jax.jit(lambda a: jax.lax.cond(a[0, 0] > 0, jnp.sin, jnp.cos, a)).lower(a).compile().as_text()
+    assert ops.CONTROL_FLOW in ops.hlo_categories(branch).values()
 
 
 def test_ops_summary_sums_groups_and_leaves_loops_out():
@@ -211,11 +215,12 @@ def test_ops_summary_sums_groups_and_leaves_loops_out():
         ("ynn_fusion", 0.3), ("ynn_fusion", 0.3), ("dot.1", 0.3), ("dot.1", 0.3), ("fusion_x.2", 0.1),
         ("multiply_add_fusion.3", 0.2), ("multiply_add_fusion.4", 0.2), ("copy.5", 0.3), ("while.6", 2.0)]]
     s = ops.summarize_ops(events, rounds=2, wall_s_per_round=1.5, matmul_flops_per_round=3e9,
-                          peak_flops=10e9, top=2, matmul_names={"jit_r": {"ynn_fusion"}})
+                          peak_flops=10e9, top=2, hlo_category={"jit_r": {"ynn_fusion": ops.MATMUL}})
     groups = {g["group"]: g for g in s["groups"]}
     assert sum(g["s_per_round"] for g in s["groups"]) == pytest.approx(s["op_s_per_round"])
     assert s["op_s_per_round"] == pytest.approx(1.0)
     assert groups[ops.MATMUL]["ops_per_round"] == 2  # the YNNPACK fusion, named as in the HLO, and the dot
+    assert [stem for stem, _ in groups[ops.MATMUL]["stems_s_per_round"]] == ["ynn_fusion", "dot"]
     assert s["control_flow_s_per_round"] == pytest.approx(1.0)
     assert groups["multiply_add_fusion"]["s_per_round"] == pytest.approx(0.2)
     assert groups["multiply_add_fusion"]["ops_per_round"] == 1

@@ -10,11 +10,12 @@ fresh process with the flag added (`flags_with_traceme`).
 Op time is summed per round and grouped by kind: matrix products, each kind of
 elementwise fusion (its name without the numeric suffix, e.g. `multiply_add_fusion`),
 copies and transposes, reductions, dynamic(-update)-slices, collectives, other. XLA:CPU
-runs its products as fusions named for the library that computes them (`ynn_fusion.3`
-for YNNPACK), so an op counts as a matrix product when its fused computation in the
-compiled HLO holds a dot or convolution (`matmul_ops`), not by its name alone. On a CPU
-with several cores XLA runs independent ops at the same time, so the summed op time can
-exceed the round's wall time; the report gives both.
+runs products and some reductions as fusions named for the library that computes them
+(`ynn_fusion.3` for YNNPACK), so an op counts as a matrix product (a reduction) when its
+fused computation in the compiled HLO holds a dot or convolution (a reduce), not by its
+name alone (`hlo_categories`). On a CPU with several cores XLA runs independent ops at
+the same time, so the summed op time can exceed the round's wall time; the report gives
+both.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ OTHER = "other"
 ELEMENTWISE = "elementwise fusion"
 
 # Ops whose events enclose the events of the ops they run (loop bodies, branches); their
-# time is the children's time again, so it is reported apart and not summed.
+# time is the children's time again, so it is reported apart and not summed. JAX names a
+# conditional after its primitive ('cond.3'), so the HLO's opcode decides (`hlo_categories`).
 _CONTROL_FLOW_STEMS = {"while", "conditional", "call"}
 _MATMUL_WORDS = {"dot", "matmul", "gemm", "convolution", "conv"}
 # Between devices (several only where XLA_FLAGS fakes them on a CPU, as the tests do).
@@ -85,27 +87,30 @@ def op_category(stem: str) -> str:
     return OTHER
 
 
-def op_group(name: str, matmul_names: frozenset[str] | set[str] = frozenset()) -> tuple[str, str]:
+def op_group(name: str, hlo_category: dict[str, str] | None = None) -> tuple[str, str]:
     """(group, category) of an op; elementwise fusions are grouped by their stem.
-    `matmul_names`: the ops the compiled HLO shows to be products (`matmul_ops`)."""
-    if name in matmul_names:
-        return MATMUL, MATMUL
+    `hlo_category`: the categories the compiled HLO shows (`hlo_categories`), first."""
     stem = op_stem(name)
-    category = op_category(stem)
+    category = (hlo_category or {}).get(name) or op_category(stem)
     return (stem if category == ELEMENTWISE else category), category
 
 
 _HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 _HLO_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (.*)$")
 _HLO_PRODUCT = re.compile(r" (?:dot|convolution)\(|custom_call_target=\"[^\"]*(?:matmul|convolution|gemm)", re.I)
+_HLO_REDUCE = re.compile(r" reduce(?:-window)?\(")
+_HLO_CONTROL_FLOW = re.compile(r" (?:while|conditional|call)\(")
 _HLO_CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 
-def matmul_ops(hlo_text: str) -> set[str]:
-    """Names of the ops of an optimised HLO module (`compiled.as_text()`) that compute a
-    matrix product: dots, convolutions, matmul custom calls, and the fusions whose fused
-    computation holds one of those."""
+def hlo_categories(hlo_text: str) -> dict[str, str]:
+    """{op name: MATMUL, REDUCTION or CONTROL_FLOW} for the ops of an optimised HLO module
+    (`compiled.as_text()`) that compute a matrix product (dots, convolutions, matmul custom
+    calls, fusions holding one), that are loops, branches or calls, or, among the other
+    fusions, that reduce."""
     product_in: dict[str, str] = {}      # product instruction -> its computation
+    reducing: set[str] = set()           # computations holding a reduce
+    control_flow: set[str] = set()
     fusion_calls: dict[str, str] = {}    # op name -> the computation it fuses
     computation = None
     for line in hlo_text.splitlines():
@@ -119,13 +124,23 @@ def matmul_ops(hlo_text: str) -> set[str]:
         name, rest = instruction.groups()
         if _HLO_PRODUCT.search(rest):
             product_in[name] = computation
+        elif _HLO_REDUCE.search(rest):
+            reducing.add(computation)
+        elif _HLO_CONTROL_FLOW.search(rest):
+            control_flow.add(name)
         called = _HLO_CALLS.search(rest)
         if called:
             fusion_calls[name] = called.group(1)
     fused = set(fusion_calls.values())  # the instructions inside a fusion never run as ops
-    unfused = {name for name, computation in product_in.items() if computation not in fused}
+    categories = {name: CONTROL_FLOW for name in control_flow}
+    categories.update({name: MATMUL for name, computation in product_in.items() if computation not in fused})
     holding_product = set(product_in.values())
-    return unfused | {name for name, called in fusion_calls.items() if called in holding_product}
+    for name, called in fusion_calls.items():
+        if called in holding_product:
+            categories[name] = MATMUL
+        elif called in reducing:
+            categories[name] = REDUCTION
+    return categories
 
 
 def hlo_module_name(hlo_text: str) -> str:
@@ -165,19 +180,21 @@ class _Tally:
 
 def summarize_ops(events: list[tuple[str, str, float]], *, rounds: int, wall_s_per_round: float,
                   matmul_flops_per_round: float, peak_flops: float, top: int = 15,
-                  matmul_names: dict[str, set[str]] | None = None) -> dict:
+                  hlo_category: dict[str, dict[str, str]] | None = None) -> dict:
     """Op time per round by group and the `top` single ops, from (module, op, seconds)
-    events; `matmul_names`: module -> its ops that are products (`matmul_ops`)."""
+    events; `hlo_category`: module -> `hlo_categories` of its compiled HLO."""
     if not events:
         raise ValueError("no XLA op events to summarise")
-    matmul_names = matmul_names or {}
+    hlo_category = hlo_category or {}
     groups: dict[tuple[str, str], _Tally] = collections.defaultdict(_Tally)
+    stems: dict[tuple[str, str], _Tally] = collections.defaultdict(_Tally)  # (group, stem)
     by_op: dict[tuple[str, str], _Tally] = collections.defaultdict(_Tally)
     by_module: dict[str, _Tally] = collections.defaultdict(_Tally)
     for module, name, seconds in events:
-        group = op_group(name, matmul_names.get(module, frozenset()))
+        group = op_group(name, hlo_category.get(module))
         groups[group].add(seconds)
         if group[1] != CONTROL_FLOW:
+            stems[group[0], op_stem(name)].add(seconds)
             by_op[module, name].add(seconds)
             by_module[module].add(seconds)
     control = groups.pop((CONTROL_FLOW, CONTROL_FLOW), _Tally())
@@ -186,6 +203,10 @@ def summarize_ops(events: list[tuple[str, str, float]], *, rounds: int, wall_s_p
     for (group, category), tally in sorted(groups.items(), key=lambda kv: -kv[1].seconds):
         row = {"group": group, "category": category, "s_per_round": tally.seconds / rounds,
                "share": tally.seconds / total, "ops_per_round": tally.count / rounds}
+        if category != ELEMENTWISE:  # which ops make up a fixed group: [stem, s], slowest first
+            row["stems_s_per_round"] = [
+                [stem, t.seconds / rounds]
+                for (g, stem), t in sorted(stems.items(), key=lambda kv: -kv[1].seconds) if g == group]
         if group == MATMUL:
             row["flops_per_round"] = matmul_flops_per_round
             row["achieved_flops"] = matmul_flops_per_round * rounds / tally.seconds
@@ -193,7 +214,7 @@ def summarize_ops(events: list[tuple[str, str, float]], *, rounds: int, wall_s_p
         rows.append(row)
     top_ops = []
     for (module, name), tally in sorted(by_op.items(), key=lambda kv: -kv[1].seconds)[:top]:
-        group, _ = op_group(name, matmul_names.get(module, frozenset()))
+        group, _ = op_group(name, hlo_category.get(module))
         top_ops.append({"op": name, "module": module, "group": group, "s_per_round": tally.seconds / rounds,
                         "share": tally.seconds / total, "ops_per_round": tally.count / rounds})
     return {
@@ -234,7 +255,7 @@ def run_ops(cfg) -> dict:
         jr.run()
     progress(f"ops: {cfg.repeats} round(s) under jax.profiler.trace")
     round_hlo = jr.compiled.as_text()
-    matmul_names = {hlo_module_name(round_hlo): matmul_ops(round_hlo)}
+    hlo_category = {hlo_module_name(round_hlo): hlo_categories(round_hlo)}
     with tempfile.TemporaryDirectory(prefix="fedfms_ops_") as log_dir:
         wall = _traced_rounds(jr, cfg.repeats, log_dir)
         events = read_op_events(log_dir)
@@ -249,7 +270,7 @@ def run_ops(cfg) -> dict:
     wall_s = sum(wall) / len(wall)  # the mean, to compare with the op time summed over all rounds
     summary = summarize_ops(events, rounds=cfg.repeats, wall_s_per_round=wall_s,
                             matmul_flops_per_round=jr.matmul_step * local_steps,
-                            peak_flops=peak, top=cfg.top, matmul_names=matmul_names)
+                            peak_flops=peak, top=cfg.top, hlo_category=hlo_category)
     flops_per_round = jr.flops_step * local_steps
     return {
         "mode": "ops",
@@ -300,6 +321,8 @@ def format_ops(r: dict) -> str:
             if "achieved_flops" in g:
                 note = (f"   {g['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * g['fraction_of_peak']:.0f}% of peak "
                         f"({g['flops_per_round'] / 1e9:.1f} GFLOP per round)")
+            elif len(g.get("stems_s_per_round", [])) > 1:
+                note = "   " + ", ".join(f"{stem} {sec:.3f}" for stem, sec in g["stems_s_per_round"][:3])
             lines.append(_row(g["group"], g["s_per_round"], g["share"], g["ops_per_round"], note))
     if small:
         lines.append(_row(f"{len(small)} more groups, each < {100 * SMALL_SHARE:.1f}%",
