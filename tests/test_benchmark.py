@@ -256,3 +256,7 @@ def test_benchmark_cli_ops_mode(tmp_path):
     assert ops.XPROF_FLAG in saved["xla_flags"].split()
     assert saved["process"]["pid"] != os.getpid()
     assert result["op_events"] == saved["op_events"] > 0
+    # The markdown table for BENCHMARKS.md reads the same JSON.
+    from fedfms_jax.benchmarking.table import ops_table
+
+    assert f"| {ops.MATMUL} | {matmul['s_per_round']:.2f} |" in ops_table(saved)
