@@ -149,6 +149,8 @@ def hlo_module_name(hlo_text: str) -> str:
 
 
 def _trace_file(log_dir: str | Path) -> Path:
+    # The profiler writes this Chrome-trace JSON itself (jax 0.10); create_perfetto_trace
+    # would only add a copy of it without the metadata.
     found = sorted(Path(log_dir).glob("plugins/profile/*/*.trace.json.gz"))
     if not found:
         raise FileNotFoundError(f"jax.profiler.trace wrote no *.trace.json.gz under {log_dir}")
@@ -156,7 +158,8 @@ def _trace_file(log_dir: str | Path) -> Path:
 
 
 def is_op_event(event: dict) -> bool:
-    """An XLA op's execution (not a Python, runtime or profiler event)."""
+    """An XLA op's execution (not a Python, runtime or profiler event): only those carry
+    the op and its module in their args (XLA:CPU's 'end: <op>' markers do not)."""
     return event.get("ph") == "X" and "hlo_op" in event.get("args", {})
 
 
@@ -199,6 +202,8 @@ def summarize_ops(events: list[tuple[str, str, float]], *, rounds: int, wall_s_p
             by_module[module].add(seconds)
     control = groups.pop((CONTROL_FLOW, CONTROL_FLOW), _Tally())
     total = sum(t.seconds for t in groups.values())
+    if total <= 0:
+        raise ValueError("the XLA op events hold no time outside loops and branches")
     rows = []
     for (group, category), tally in sorted(groups.items(), key=lambda kv: -kv[1].seconds):
         row = {"group": group, "category": category, "s_per_round": tally.seconds / rounds,
