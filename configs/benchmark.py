@@ -5,6 +5,7 @@ PyTorch original.
     python -m fedfms_jax.benchmark --config configs/benchmark.py:method=fedsam
     python -m fedfms_jax.benchmark --config configs/benchmark.py:variant=vit_b,image_size=1024,clients=4,batch=4,steps=2,dtype=bfloat16
     python -m fedfms_jax.benchmark --config configs/benchmark.py:mode=encoder,image_size=256
+    python -m fedfms_jax.benchmark --config configs/benchmark.py:mode=ops,method=fedsam   # per-op profile
 
 The default is the CPU target: ViT-B at 256, FedMSA, 4 clients x batch 2, 2 local steps.
 """
@@ -32,6 +33,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c = ConfigDict()
     c.mode = "round"          # round: one federated round | encoder: image-encoder forward only
                               # | profile: one local step part by part (JAX beside PyTorch)
+                              # | ops: the JAX round under XLA's per-op trace, time by op kind
     c.variant = "vit_b"       # SAM image encoder (vit_tiny for tests)
     c.image_size = 256
     c.clients = 4
@@ -60,6 +62,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.flops = "xla"           # xla: XLA cost analysis of one compiled local step | jaxpr: count
                               # matmul/conv FLOPs from the traced program (no extra compile)
     c.peak = "auto"           # auto: table for known GPUs, measured matmul otherwise | table | measure
+    c.top = 15                # ops mode: how many single ops to list, slowest first
     c.seed = 0
     if arg:
         _apply_overrides(c, arg)
@@ -69,8 +72,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
         raise ValueError(f"flops must be xla or jaxpr, got {c.flops!r}")
     if c.processes not in ("separate", "same"):
         raise ValueError(f"processes must be separate or same, got {c.processes!r}")
-    if c.mode not in ("round", "encoder", "profile"):
-        raise ValueError(f"mode must be round, encoder or profile, got {c.mode!r}")
+    if c.mode not in ("round", "encoder", "profile", "ops"):
+        raise ValueError(f"mode must be round, encoder, profile or ops, got {c.mode!r}")
     return c
 
 

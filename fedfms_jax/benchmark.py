@@ -12,6 +12,10 @@ Modes (config `mode`):
 - encoder: the image encoder's forward alone, jitted JAX vs the official PyTorch model.
 - profile: one local step of one client, part by part (encoder forward, model forward,
   forward + backward, optimizer step, model copy), JAX beside PyTorch.
+- ops: round mode's JAX round under XLA's per-op trace (in a process of its own with
+  XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true): op time per round grouped by kind
+  (matrix products, elementwise fusions by kind, copies, reductions, ...), the matrix
+  products' FLOP/s against the measured matmul peak, and the `top` single ops.
 
 Prints a summary; `--json` writes every figure (see benchmarking/report.py for the keys).
 """
@@ -74,6 +78,10 @@ def run(cfg) -> dict:
         from fedfms_jax.benchmarking.breakdown import run_profile
 
         result = run_profile(cfg)
+    elif cfg.mode == "ops":
+        from fedfms_jax.benchmarking.ops import run_ops
+
+        result = run_ops(cfg)
     else:
         from fedfms_jax.benchmarking.federated_round import run_round
 
@@ -93,11 +101,17 @@ def _fields_help(argv: list[str]) -> str:
 
 
 def run_side(cfg, side: str) -> dict:
-    """One side of round mode, with what its process was doing around it."""
+    """One side of round mode (or ops mode's traced JAX round), with what its process was
+    doing around it."""
     from fedfms_jax.benchmarking import federated_round
 
     load_before = list(os.getloadavg())
-    figures = federated_round.run_jax_side(cfg) if side == "jax" else federated_round.run_torch_side(cfg)
+    if cfg.mode == "ops":
+        from fedfms_jax.benchmarking.ops import run_ops
+
+        figures = run_ops(cfg)
+    else:
+        figures = federated_round.run_jax_side(cfg) if side == "jax" else federated_round.run_torch_side(cfg)
     figures["process"] = {
         "pid": os.getpid(), "load_average_before": load_before, "load_average_after": list(os.getloadavg()),
         # XLA:CPU runs one intra-op thread per core; torch uses cfg.threads (0: every core).
@@ -107,23 +121,41 @@ def run_side(cfg, side: str) -> dict:
     return figures
 
 
+def _side_in_child(spec: str, side: str, env: dict | None = None) -> dict:
+    """`benchmark --side SIDE` in a fresh process; the figures it writes."""
+    with tempfile.TemporaryDirectory(prefix="fedfms_bench_") as tmp:
+        out = Path(tmp) / f"{side}.json"
+        cmd = [sys.executable, "-m", "fedfms_jax.benchmark", "--config", spec, "--side", side,
+               "--json", str(out)]
+        code = subprocess.run(cmd, env=env).returncode
+        if code:
+            raise SystemExit(f"benchmark: the {side} side failed (exit {code}); its output is above")
+        return json.loads(out.read_text())
+
+
 def run_sides_apart(spec: str, cfg) -> dict:
     """JAX, then PyTorch, each in a fresh process of its own; the result as `run` gives it."""
     from fedfms_jax.benchmarking.federated_round import combine
 
     figures = {}
-    with tempfile.TemporaryDirectory(prefix="fedfms_bench_") as tmp:
-        for side in SIDES:
-            out = Path(tmp) / f"{side}.json"
-            progress(f"{side}: starting its own process")
-            cmd = [sys.executable, "-m", "fedfms_jax.benchmark", "--config", spec, "--side", side,
-                   "--json", str(out)]
-            code = subprocess.run(cmd).returncode
-            if code:
-                raise SystemExit(f"benchmark: the {side} side failed (exit {code}); its output is above")
-            figures[side] = json.loads(out.read_text())
+    for side in SIDES:
+        progress(f"{side}: starting its own process")
+        figures[side] = _side_in_child(spec, side)
     result = combine(cfg, figures["jax"], figures["torch"])
     result["processes"] = "separate"
+    result.update(_machine())
+    result["config"] = cfg.to_dict()
+    return result
+
+
+def run_ops_traced(spec: str, cfg) -> dict:
+    """Ops mode in a fresh process with XLA:CPU's per-op trace events on: XLA reads the
+    flag once, when the backend starts, so this process cannot switch it on for itself."""
+    from fedfms_jax.benchmarking.ops import flags_with_traceme
+
+    env = dict(os.environ, XLA_FLAGS=flags_with_traceme(os.environ.get("XLA_FLAGS", "")))
+    progress(f"ops: starting a process with XLA_FLAGS={env['XLA_FLAGS']!r}")
+    result = _side_in_child(spec, "jax", env)
     result.update(_machine())
     result["config"] = cfg.to_dict()
     return result
@@ -140,20 +172,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--side", choices=SIDES,
                         help="round mode: time only this side and write its figures to --json "
-                             "(what the separate processes run)")
+                             "(what the separate processes run); ops mode: jax, the traced round")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     if args.no_torch:
         cfg.torch = False
     if args.side:
-        if cfg.mode != "round" or not args.json:
-            parser.error("--side is for round mode and needs --json")
+        if cfg.mode not in ("round", "ops") or not args.json or (cfg.mode == "ops" and args.side != "jax"):
+            parser.error("--side is for round mode (or jax in ops mode) and needs --json")
         figures = run_side(cfg, args.side)
         report.write_json(figures, args.json)
         return figures
     load_before = list(os.getloadavg())
     if cfg.mode == "round" and cfg.torch and cfg.processes == "separate":
         result = run_sides_apart(args.config, cfg)
+    elif cfg.mode == "ops":
+        result = run_ops_traced(args.config, cfg)
     else:
         result = run(cfg)
     # Other processes on a shared machine slow both sides; keep the load with the figures.
@@ -162,6 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
         from fedfms_jax.benchmarking.breakdown import format_profile
 
         text = format_profile(result)
+    elif cfg.mode == "ops":
+        from fedfms_jax.benchmarking.ops import format_ops
+
+        text = format_ops(result)
     else:
         text = report.format_encoder(result) if cfg.mode == "encoder" else report.format_round(result)
     after = result["load_average_1_5_15"]

@@ -168,3 +168,95 @@ def test_benchmark_cli_encoder_mode():
     assert result["jax_images_per_s"] > 0 and result["flops_per_image"] > 0
     assert result["torch_images_per_s"] is None and result["speedup"] is None
     assert result["compile_s"] > 0
+
+
+def test_ops_are_grouped_by_kind():
+    from fedfms_jax.benchmarking import ops
+
+    assert ops.op_group("multiply_add_fusion.12") == ("multiply_add_fusion", ops.ELEMENTWISE)
+    assert ops.op_group("add_convert_fusion.3.clone.1") == ("add_convert_fusion", ops.ELEMENTWISE)
+    assert ops.op_group("wrapped_convert.7") == ("wrapped_convert", ops.ELEMENTWISE)
+    assert ops.op_group("dot.4")[0] == ops.MATMUL
+    assert ops.op_group("convolution.2")[0] == ops.MATMUL
+    assert ops.op_group("convert_fusion.1")[0] != ops.MATMUL  # 'conv' only as a word of its own
+    assert ops.op_group("transpose_copy_fusion.5")[0] == ops.COPY
+    assert ops.op_group("copy.9")[0] == ops.COPY
+    assert ops.op_group("dynamic_update_slice_fusion.2")[0] == ops.DYNAMIC_SLICE
+    assert ops.op_group("dynamic-slice.8")[0] == ops.DYNAMIC_SLICE
+    assert ops.op_group("reduce-window.1")[0] == ops.REDUCTION
+    assert ops.op_group("while.3")[0] == ops.CONTROL_FLOW
+    assert ops.op_group("all-reduce.14")[0] == ops.COLLECTIVE  # not a reduction on this device
+    assert ops.op_group("custom-call.1")[0] == ops.OTHER
+
+
+def test_products_and_reductions_are_found_in_the_compiled_hlo():
+    from fedfms_jax.benchmarking import ops
+
+    a = jnp.ones((64, 64))
+    hlo = jax.jit(lambda a, b: jnp.tanh(a @ b) + 1).lower(a, a).compile().as_text()
+    # Whatever XLA:CPU names the product (a dot, a YNNPACK or oneDNN fusion), it is found,
+    # and the elementwise tail is not taken for one.
+    assert list(ops.hlo_categories(hlo).values()) == [ops.MATMUL], ops.hlo_categories(hlo)
+    assert ops.hlo_module_name(hlo).startswith("jit_")
+    elementwise = jax.jit(lambda a: jnp.tanh(a) + 1).lower(a).compile().as_text()
+    assert ops.hlo_categories(elementwise) == {}
+    reduction = jax.jit(lambda a: jnp.max(jnp.abs(a), axis=0)).lower(a).compile().as_text()
+    assert list(ops.hlo_categories(reduction).values()) == [ops.REDUCTION]
+    # A branch's event spans the ops it runs, whatever JAX named it ('cond.N').
+    branch = jax.jit(lambda a: jax.lax.cond(a[0, 0] > 0, jnp.sin, jnp.cos, a)).lower(a).compile().as_text()
+    assert ops.CONTROL_FLOW in ops.hlo_categories(branch).values()
+
+
+def test_ops_summary_sums_groups_and_leaves_loops_out():
+    from fedfms_jax.benchmarking import ops
+
+    # Two rounds; the while loop's own event spans the ops it ran and must not count.
+    events = [("jit_r", name, s) for name, s in [
+        ("ynn_fusion", 0.3), ("ynn_fusion", 0.3), ("dot.1", 0.3), ("dot.1", 0.3), ("fusion_x.2", 0.1),
+        ("multiply_add_fusion.3", 0.2), ("multiply_add_fusion.4", 0.2), ("copy.5", 0.3), ("while.6", 2.0)]]
+    s = ops.summarize_ops(events, rounds=2, wall_s_per_round=1.5, matmul_flops_per_round=3e9,
+                          peak_flops=10e9, top=2, hlo_category={"jit_r": {"ynn_fusion": ops.MATMUL}})
+    groups = {g["group"]: g for g in s["groups"]}
+    assert sum(g["s_per_round"] for g in s["groups"]) == pytest.approx(s["op_s_per_round"])
+    assert s["op_s_per_round"] == pytest.approx(1.0)
+    assert groups[ops.MATMUL]["ops_per_round"] == 2  # the YNNPACK fusion, named as in the HLO, and the dot
+    assert [stem for stem, _ in groups[ops.MATMUL]["stems_s_per_round"]] == ["ynn_fusion", "dot"]
+    assert s["control_flow_s_per_round"] == pytest.approx(1.0)
+    assert groups["multiply_add_fusion"]["s_per_round"] == pytest.approx(0.2)
+    assert groups["multiply_add_fusion"]["ops_per_round"] == 1
+    assert groups[ops.MATMUL]["achieved_flops"] == pytest.approx(3e9 / 0.6)
+    assert groups[ops.MATMUL]["fraction_of_peak"] == pytest.approx(0.5)
+    assert [g["group"] for g in s["groups"]][0] == ops.MATMUL  # slowest first
+    assert [o["op"] for o in s["top_ops"]] == ["ynn_fusion", "dot.1"]
+    assert s["op_time_over_wall"] == pytest.approx(1.0 / 1.5)
+
+
+@pytest.mark.slow
+def test_benchmark_cli_ops_mode(tmp_path):
+    from fedfms_jax.benchmarking import ops
+
+    out = tmp_path / "ops.json"
+    tiny = "variant=vit_tiny,image_size=64,clients=2,batch=1,steps=1,repeats=1,warmup=0,flops=jaxpr,torch=false"
+    result = main(["--config", f"{CONFIG}:mode=ops,{tiny},top=4", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    for key in ("groups", "top_ops", "op_s_per_round", "wall_s_per_round", "op_time_over_wall", "op_events",
+                "peak_flops", "mfu", "round", "config", "load_average_1_5_15"):
+        assert key in saved, key
+    groups = saved["groups"]
+    # Rounded to the JSON's precision only: the groups partition the traced op time.
+    assert sum(g["s_per_round"] for g in groups) == pytest.approx(saved["op_s_per_round"], rel=1e-9)
+    assert sum(g["share"] for g in groups) == pytest.approx(1.0, rel=1e-9)
+    (matmul,) = [g for g in groups if g["group"] == ops.MATMUL]
+    assert matmul["ops_per_round"] > 0 and matmul["s_per_round"] > 0
+    assert matmul["achieved_flops"] == pytest.approx(matmul["flops_per_round"] / matmul["s_per_round"])
+    assert 0 < matmul["fraction_of_peak"] and 0 < saved["mfu"]
+    assert any(g["category"] == ops.ELEMENTWISE for g in groups)
+    assert 0 < len(saved["top_ops"]) <= 4
+    # Traced in a process of its own, which had XLA:CPU's per-op events switched on.
+    assert ops.XPROF_FLAG in saved["xla_flags"].split()
+    assert saved["process"]["pid"] != os.getpid()
+    assert result["op_events"] == saved["op_events"] > 0
+    # The markdown table for BENCHMARKS.md reads the same JSON.
+    from fedfms_jax.benchmarking.table import ops_table
+
+    assert f"| {ops.MATMUL} | {matmul['s_per_round']:.2f} |" in ops_table(saved)

@@ -49,12 +49,17 @@ def _jax_figures(cfg, jr, timing) -> dict:
     return j
 
 
-def run_jax_side(cfg) -> dict:
-    """The JAX engine's round alone (no PyTorch in this process)."""
+def build_jax_round(cfg):
+    """The JAX engine's round for the config, compiled and ready to run (a JaxRound)."""
     from fedfms_jax.benchmarking.encoder import compute_dtype
     from fedfms_jax.benchmarking.jax_side import JaxRound
 
-    jr = JaxRound(cfg, compute_dtype(cfg.dtype)[0], synthetic_round(cfg), _round_weights(cfg))
+    return JaxRound(cfg, compute_dtype(cfg.dtype)[0], synthetic_round(cfg), _round_weights(cfg))
+
+
+def run_jax_side(cfg) -> dict:
+    """The JAX engine's round alone (no PyTorch in this process)."""
+    jr = build_jax_round(cfg)
     (jt,) = time_alternating([jr.run], warmup=cfg.warmup, repeats=[cfg.repeats], interleave=False)
     return _jax_figures(cfg, jr, jt)
 

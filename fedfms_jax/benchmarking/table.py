@@ -1,4 +1,5 @@
-"""Markdown table rows for BENCHMARKS.md from benchmark JSON files.
+"""Markdown table rows for BENCHMARKS.md from benchmark JSON files (round, encoder and
+ops mode).
 
     python -m fedfms_jax.benchmarking.table results/*.json
 """
@@ -64,6 +65,36 @@ def encoder_row(r: dict) -> str:
     ])
 
 
+def ops_table(r: dict, min_share: float = 0.005) -> str:
+    """Markdown table of an ops-mode result: its groups, the small ones summed in one row."""
+    c = r["config"]
+    lines = [
+        f"{c['method']} {c['variant']}@{c['image_size']} {c['clients']}x{c['batch']}x{c['steps']} {r['dtype']}: "
+        f"wall {r['wall_s_per_round']:.2f} s per round, op events {r['op_s_per_round']:.2f} s, "
+        f"round MFU {100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e9:.0f} GFLOP/s",
+        "",
+        "| ops | s per round | share | ops per round | of which / rate |",
+        "|---|---:|---:|---:|---|",
+    ]
+    small = [g for g in r["groups"] if g["share"] < min_share]
+    for g in r["groups"]:
+        if g["share"] < min_share:
+            continue
+        if "achieved_flops" in g:
+            note = f"{g['achieved_flops'] / 1e9:.0f} GFLOP/s = {100 * g['fraction_of_peak']:.0f}% of peak"
+        else:
+            note = ", ".join(f"`{stem}` {sec:.2f}" for stem, sec in g.get("stems_s_per_round", [])[:3]
+                             if sec >= 0.005)
+        label = g["group"] if g["category"] != "elementwise fusion" else f"`{g['group']}`"
+        lines.append(f"| {label} | {g['s_per_round']:.2f} | {100 * g['share']:.1f} % | {g['ops_per_round']:.0f} "
+                     f"| {note} |")
+    if small:
+        lines.append(f"| {len(small)} more kinds, each < {100 * min_share:.1f} % "
+                     f"| {sum(g['s_per_round'] for g in small):.2f} | {100 * sum(g['share'] for g in small):.1f} % "
+                     f"| {sum(g['ops_per_round'] for g in small):.0f} | |")
+    return "\n".join(lines)
+
+
 def main(paths: list[str]) -> None:
     results = [json.load(open(p)) for p in paths]
     rounds = [r for r in results if r.get("mode") == "round"]
@@ -77,6 +108,10 @@ def main(paths: list[str]) -> None:
         print(ENCODER_HEADER)
         for r in encoders:
             print(encoder_row(r))
+    for r in results:
+        if r.get("mode") == "ops":
+            print()
+            print(ops_table(r))
     for r in results:
         print(f"\n{r.get('date_utc')} UTC, {r.get('device')}, jax {r.get('jax_version')}: "
               f"config {r.get('config')}")
