@@ -40,6 +40,11 @@ class Embedder:
         self.state = state
         self.batch_size = batch_size
         digest = hashlib.sha256(pixel_norm.encode())
+        # A reduced-precision encoder gives other embeddings: its own entries. (float32 adds
+        # nothing, so the entries earlier runs wrote stay valid.)
+        dtype = getattr(getattr(model, "cfg", None), "dtype", "float32")
+        if dtype != "float32":
+            digest.update(f"dtype={dtype}".encode())
         for leaf in jax.tree.leaves(nnx.state(model.image_encoder)):
             digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
         self.weights_key = digest.hexdigest()[:24]

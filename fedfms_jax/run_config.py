@@ -21,6 +21,7 @@ MODES = ("federated", "centralized", "local")
 CLIENT_LOOPS = ("vmap", "sequential")
 PLANS = ("auto", "off")
 LOSSES = ("bce", "dice_bce")
+LR_SCHEDULES = ("constant", "warmup_cosine")
 ADAPTER_INITS = ("lecun", "torch_mean")
 ARG_DEFAULTS = dict(method="fedmsa", mode="federated", unseen=0, tiny=False)
 ARG_CHOICES = dict(method=METHODS, mode=MODES)
@@ -62,6 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.local_steps = 0          # >0: fixed steps per round instead of epochs
     c.batch_size = 4
     c.lr = 1e-4
+    # constant (the original) | warmup_cosine: linear warm-up over lr_warmup_rounds, then
+    # cosine decay towards 0 at the last round, counted in each client's own optimizer
+    # steps (needs local_steps > 0, so that every client's schedule spans the run; a client
+    # that sits a round out runs that round behind).
+    c.lr_schedule = "constant"
+    c.lr_warmup_rounds = 0
     c.b1 = 0.9
     c.b2 = 0.999
     c.weight_decay = 0.0
@@ -276,6 +283,8 @@ def validate(cfg) -> None:
         (cfg["local_epochs"] >= 1, "local_epochs must be >= 1"),
         (cfg["eval_every"] >= 1, "eval_every must be >= 1"),
         (cfg["lr"] > 0, "lr must be > 0"),
+        (cfg["lr_schedule"] in LR_SCHEDULES,
+         f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg['lr_schedule']!r}"),
         (cfg["loss"] in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {cfg['loss']!r}"),
         (cfg["client_loop"] in CLIENT_LOOPS,
          f"client_loop must be vmap or sequential, got {cfg['client_loop']!r}"),
@@ -285,10 +294,25 @@ def validate(cfg) -> None:
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
+    check_lr_schedule(cfg)
     check_protocol(cfg)
     check_geometry(cfg["image_size"], cfg["model"]["encoder"])
     check_init_from(cfg["init_from"])
     check_original_numerics(cfg)
+
+
+def check_lr_schedule(cfg) -> None:
+    """A schedule counts local steps: it needs a fixed number per round to know the run's end."""
+    warmup = cfg["lr_warmup_rounds"]
+    if cfg["lr_schedule"] == "constant":
+        if warmup:
+            raise UsageError("lr_warmup_rounds needs lr_schedule=warmup_cosine (lr_schedule is constant)")
+        return
+    if cfg["local_steps"] < 1:
+        raise UsageError(f"lr_schedule={cfg['lr_schedule']} needs local_steps >= 1 (a fixed number of "
+                         "steps per round; in epoch mode clients take different numbers of steps)")
+    if not 0 <= warmup < cfg["rounds"]:
+        raise UsageError(f"lr_warmup_rounds must be in 0..rounds-1 ({cfg['rounds'] - 1}), got {warmup}")
 
 
 def check_geometry(size: int, encoder: str) -> None:

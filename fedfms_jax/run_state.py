@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -122,10 +123,32 @@ def round_batches(loader, cfg: dict, round_: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ engine
+def client_lr(cfg: dict):
+    """The clients' learning rate: cfg's lr, or a schedule over a client's own optimizer
+    step count (kept in its optimizer state across rounds, so it runs through the rounds)."""
+    lr = cfg["lr"]
+    if cfg["lr_schedule"] == "constant":
+        return lr
+    per_round = cfg["local_steps"] * cfg["local_epochs"]  # round_batches stacks local_epochs loader rounds
+    warmup = cfg["lr_warmup_rounds"] * per_round
+    total = cfg["rounds"] * per_round
+
+    def warmup_cosine(count):
+        t = count.astype(jnp.float32)
+        # Step t (0-based) of the warm-up takes (t + 1) / warmup of lr: no step at lr 0.
+        ramp = lr * (t + 1.0) / max(warmup, 1)
+        frac = jnp.clip((t - warmup) / max(total - warmup, 1), 0.0, 1.0)
+        cosine = 0.5 * lr * (1.0 + jnp.cos(jnp.pi * frac))
+        return jnp.where(t < warmup, ramp, cosine)
+
+    return warmup_cosine
+
+
 def client_optimizer(cfg: dict):
+    lr = client_lr(cfg)
     if cfg["weight_decay"]:
-        return optax.adamw(cfg["lr"], b1=cfg["b1"], b2=cfg["b2"], weight_decay=cfg["weight_decay"])
-    return optax.adam(cfg["lr"], b1=cfg["b1"], b2=cfg["b2"])
+        return optax.adamw(lr, b1=cfg["b1"], b2=cfg["b2"], weight_decay=cfg["weight_decay"])
+    return optax.adam(lr, b1=cfg["b1"], b2=cfg["b2"])
 
 
 def make_engine(cfg: dict, model, mesh=None):

@@ -29,6 +29,17 @@ def test_decoder_on_cached_embeddings_matches_full_forward():
     np.testing.assert_allclose(np.asarray(dec), np.asarray(full), rtol=1e-5, atol=1e-5)
 
 
+def test_cache_key_follows_the_encoder_dtype():
+    """A bfloat16 encoder must not be served the float32 embeddings (nor write over them)."""
+    cfg, model = _tiny_model(adapters=False)
+    bf16 = model_init.build_model(parse_config([*TINY, "--config.model.adapters=false",
+                                                "--config.model.prompt_free=true",
+                                                "--config.model.dtype=bfloat16"])[0])[1]
+    same = model_init.build_model(cfg)[1]
+    key = lambda m: ec.Embedder(m, cfg["model"]["pixel_norm"]).weights_key  # noqa: E731
+    assert key(model) == key(same) and key(bf16) != key(model)
+
+
 def test_refused_when_encoder_leaves_train():
     _, model = _tiny_model(adapters=True)
     part = make_partition(nnx.state(model, nnx.Param), "fedmsa")
