@@ -103,11 +103,17 @@ class Conv2d_BN(nnx.Module):
                                 param_dtype=jnp.float32, rngs=rngs)
         self.dtype = dtype
         self.depthwise = groups > 1 and groups == a == b
+        # A 1x1 conv is a matmul over channels; written as one, XLA:CPU runs it at its GEMM
+        # rate instead of its convolution's (~8x slower for MBConv's 256x256 maps).
+        self.pointwise = ks == 1 and stride == 1 and pad == 0 and groups == 1
         self.stride, self.pad = stride, pad
 
     def __call__(self, x):
         if self.depthwise:
             y = depthwise_conv2d(x, self.c.kernel[...], self.stride, self.pad, self.dtype)
+        elif self.pointwise:
+            y = jnp.einsum("nhwc,co->nhwo", x.astype(self.dtype), self.c.kernel[...][0, 0].astype(self.dtype),
+                           preferred_element_type=jnp.float32)
         else:
             y = self.c(x)
         return self.bn(y, use_running_average=True).astype(self.dtype)
@@ -198,13 +204,17 @@ class Attention(nnx.Module):
     def __call__(self, x):  # (B, N, C)
         b, n, _ = x.shape
         x = self.norm(x)
-        qkv = self.qkv(x).reshape(b, n, self.num_heads, -1)
+        qkv = self.qkv(x).reshape(b, n, self.num_heads, -1).transpose(0, 2, 1, 3)  # heads first
         q, k, v = jnp.split(qkv, [self.key_dim, 2 * self.key_dim], axis=-1)
         bias = self.attention_biases[...][:, self.attention_bias_idxs]  # (heads, N, N)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.scale + bias.astype(q.dtype)
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, self.num_heads * self.d)
-        return self.proj(out)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * self.scale + bias
+        # Softmax normalised after the value product (the same sums; the max shift cancels):
+        # one pass less over the (heads, N, N) scores, ~7x faster on XLA:CPU than
+        # jax.nn.softmax between the two products.
+        p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+        out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        out = (out / p.sum(axis=-1, keepdims=True)).astype(v.dtype)
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, self.num_heads * self.d))
 
 
 class Mlp(nnx.Module):
