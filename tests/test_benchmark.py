@@ -153,6 +153,8 @@ def test_benchmark_cli_round(tmp_path):
     assert 0 < saved["torch_mfu"] == pytest.approx(
         saved["flops_per_image"] * saved["torch_images_per_s"] / saved["jax"]["peak_flops"])
     assert saved["torch"]["matmul_peak_flops"] > 0
+    assert saved["torch"]["mfu_own_peak"] == pytest.approx(  # ... and against torch's own matmul rate
+        saved["flops_per_image"] * saved["torch_images_per_s"] / saved["torch"]["matmul_peak_flops"])
     assert len(saved["jax"]["round"]["samples_s"]) == 2
     assert len(saved["torch"]["round"]["samples_s"]) == 1
     assert saved["jax"]["eval_images_per_s"] > 0
