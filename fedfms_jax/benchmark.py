@@ -78,10 +78,6 @@ def run(cfg) -> dict:
         from fedfms_jax.benchmarking.breakdown import run_profile
 
         result = run_profile(cfg)
-    elif cfg.mode == "ops":
-        from fedfms_jax.benchmarking.ops import run_ops
-
-        result = run_ops(cfg)
     else:
         from fedfms_jax.benchmarking.federated_round import run_round
 

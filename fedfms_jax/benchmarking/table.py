@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
+from fedfms_jax.benchmarking import ops
+
 ROUND_HEADER = (
     "| run | JAX img/s | PyTorch img/s | speedup | round s (JAX, spread) | round s (PyTorch, spread) "
     "| compile s | step s | aggregation s (JAX / PyTorch) | eval img/s (JAX / PyTorch) | peak memory "
@@ -65,7 +67,7 @@ def encoder_row(r: dict) -> str:
     ])
 
 
-def ops_table(r: dict, min_share: float = 0.005) -> str:
+def ops_table(r: dict, min_share: float = ops.SMALL_SHARE) -> str:
     """Markdown table of an ops-mode result: its groups, the small ones summed in one row."""
     c = r["config"]
     lines = [
@@ -85,7 +87,7 @@ def ops_table(r: dict, min_share: float = 0.005) -> str:
         else:
             note = ", ".join(f"`{stem}` {sec:.2f}" for stem, sec in g.get("stems_s_per_round", [])[:3]
                              if sec >= 0.005)
-        label = g["group"] if g["category"] != "elementwise fusion" else f"`{g['group']}`"
+        label = g["group"] if g["category"] != ops.ELEMENTWISE else f"`{g['group']}`"
         lines.append(f"| {label} | {g['s_per_round']:.2f} | {100 * g['share']:.1f} % | {g['ops_per_round']:.0f} "
                      f"| {note} |")
     if small:
