@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +36,15 @@ def _model(encoder, size, kernels, dtype, seed):
 
 
 def _randomise(state, seed):
-    """Non-zero rel_pos tables and adapter up-projections (zeros at init would hide them)."""
+    """Non-zero rel_pos tables and adapter up-projections (zeros at init would hide them).
+    Each leaf's key comes from a stable hash of its path: Python's hash() of a string
+    changes from process to process, and so did the weights (and the bf16 error)."""
     key = jax.random.key(seed + 1)
 
     def leaf(path, x):
         name = "/".join(str(getattr(p, "key", p)) for p in path)
         if "rel_pos" in name or ("Adapter" in name and "kernel" in name):
-            return 0.05 * jax.random.normal(jax.random.fold_in(key, hash(name) % (2**31)), x.shape, x.dtype)
+            return 0.05 * jax.random.normal(jax.random.fold_in(key, zlib.crc32(name.encode())), x.shape, x.dtype)
         return x
 
     return jax.tree.map_with_path(leaf, state)
