@@ -148,7 +148,7 @@ class JaxRound:
 
     def results(self, timing) -> dict:
         cfg, engine, state = self.cfg, self.engine, self.state
-        metrics = jax.device_get(self.metrics)
+        metrics = engine.real_clients(self.metrics)
         peak_bytes, peak_source = _peak_memory(self.compiled)  # after the rounds, before eval
         if not np.all(np.asarray(metrics["finite"])):
             raise FloatingPointError("a client's update was not finite during the benchmark")

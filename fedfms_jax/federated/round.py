@@ -26,6 +26,7 @@ from fedfms_jax.federated.server_optim import ServerOptimizer, server_optimizer 
 from fedfms_jax.federated.server_step import server_step
 
 BATCH_KEYS = ("image", "mask", "valid")
+PER_CLIENT_METRICS = ("loss", "finite", "active", "counted", "steps", "weight", "touched")
 
 
 def sam_forward(model, images_uint8):
@@ -197,20 +198,19 @@ class FederatedEngine:
         client_os = _per_client_select(ok, new_os, os0) if self.keep_client_opt_state else ()
         client_params = _per_client_select(ok, new_tr, start) if self.keep_client_params else ()
 
-        n = self.num_clients
         touched = jnp.stack([t for t in self.partition.flatten_trainable(stats["touched"])], axis=1)
         changed = jnp.stack(
             [jnp.any(a != b) for a, b in zip(self.partition.flatten_trainable(new_g),
                                               self.partition.flatten_trainable(g))]
         )
         metrics = {
-            "loss": jnp.where(active, stats["loss"], 0.0)[:n],
-            "finite": (finite | ~active)[:n],
-            "active": active[:n],
-            "counted": ok[:n],
-            "steps": jnp.where(active, stats["steps"], 0)[:n],
-            "weight": wn[:n],
-            "touched": (touched & active[:, None])[:n],
+            "loss": jnp.where(active, stats["loss"], 0.0),
+            "finite": (finite | ~active),
+            "active": active,
+            "counted": ok,
+            "steps": jnp.where(active, stats["steps"], 0),
+            "weight": wn,
+            "touched": (touched & active[:, None]),
             "changed": changed,
             "round": state.round + 1,
         }
@@ -288,8 +288,18 @@ class FederatedEngine:
         participating_mask: [C] bool (default all). `state` is donated.
         Returns (state, metrics); metrics: loss, finite, active, counted, steps, weight [C];
         touched [C, L] (trainable_paths order); changed [L]; round.
+        (`compiled_round()` returns them for the padded clients; see `real_clients`.)
         """
-        return self.compiled_round()(*self.round_inputs(state, batches, weights, participating_mask))
+        state, metrics = self.compiled_round()(*self.round_inputs(state, batches, weights, participating_mask))
+        return state, self.real_clients(metrics)
+
+    def real_clients(self, metrics: dict) -> dict:
+        """The compiled round's metrics (padding clients included) -> the real clients'.
+        Trimmed here, on the replicated outputs, not in the program: slicing the
+        client-sharded axis to an uneven length there doubled the round's compile time
+        on a 4-device mesh."""
+        n = self.num_clients
+        return {k: v[:n] if k in PER_CLIENT_METRICS else v for k, v in metrics.items()}
 
     def compiled_round(self):
         """The jitted, donated round function (for `.lower(...).compile()` or timing)."""
