@@ -190,7 +190,7 @@ class FederatedEngine:
         if self.aggregate_clients:
             updates = jax.tree.map(jnp.subtract, new_tr, start)
             new_g, new_ss, wn = server_step(self.server, g, state.server_opt_state, updates, weights,
-                                            participating & finite)
+                                            participating & finite, self._sharded_weighted_mean)
         else:
             new_g, new_ss = g, state.server_opt_state
             wn, _ = aggregate.effective_weights(weights, participating & finite)
@@ -241,10 +241,25 @@ class FederatedEngine:
         )
         return fn(start, os0, frozen, rest, anchor, batches)
 
+    def _sharded_weighted_mean(self, stacked, weights):
+        """aggregate.weighted_mean over the client-sharded updates: each device sums its
+        own clients, then one all-reduce per leaf. (Indexing each client of the sharded
+        axis, as the plain mean does, made the partitioner move every client's slice on
+        its own: clients x leaves fusions and collectives in the round's program.)"""
+        c = P(CLIENTS)
+        return jax.shard_map(
+            lambda x, w: jax.lax.psum(aggregate.weighted_mean(x, w), CLIENTS),
+            mesh=self.mesh, in_specs=(c, c), out_specs=P(), check_vma=False,
+        )(stacked, weights)
+
     def _local_clients(self, start, os0, frozen, rest, anchor, batches):
         """The clients of one device: all vmapped at once, or `client_chunk` at a time
         (lax.map over chunks) to bound activation memory."""
         local = jax.tree.leaves(start)[0].shape[0]
+        if local == 1:  # one client per device (e.g. one per GPU): no client axis to map over
+            squeeze = lambda t, axis=0: jax.tree.map(lambda x: x[(slice(None),) * axis + (0,)], t)  # noqa: E731
+            out = self.local_update(squeeze(start), squeeze(os0), frozen, rest, anchor, squeeze(batches, 1))
+            return jax.tree.map(lambda x: x[None], out)
         # A chunk of one always loops (see below), even when the device has one client.
         all_at_once = self.client_chunk is None or (self.client_chunk > 1 and self.client_chunk >= local)
         if all_at_once:

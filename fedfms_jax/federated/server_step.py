@@ -16,17 +16,19 @@ from fedfms_jax.federated import aggregate
 from fedfms_jax.federated.server_optim import ServerOptimizer
 
 
-def server_step(server: ServerOptimizer, global_params, server_opt_state, updates, weights, counts):
+def server_step(server: ServerOptimizer, global_params, server_opt_state, updates, weights, counts,
+                weighted_mean=aggregate.weighted_mean):
     """New (global params, server optimizer state, normalised weights [C]).
 
     updates: the clients' trainable updates, each leaf [C, ...]; weights: [C] raw
     aggregation weights; counts: [C] bool. A round in which no client counts leaves the
-    global parameters and the optimizer state exactly as they were.
+    global parameters and the optimizer state exactly as they were. weighted_mean:
+    (updates, normalised weights) -> mean tree (the engine passes its client-sharded one).
     """
     wn, total = aggregate.effective_weights(weights, counts)
     # Average the client updates (x_c - g), not the parameters: a leaf no client changed
     # stays bit-identical (sum_c w_c != 1 exactly in float32).
-    mean_update = aggregate.weighted_mean(updates, wn)
+    mean_update = weighted_mean(updates, wn)
     stepped, stepped_state = server.step(global_params, server_opt_state, mean_update)
     any_counts = total > 0
     new_g = jax.tree.map(lambda a, b: jnp.where(any_counts, a, b), stepped, global_params)
