@@ -257,10 +257,10 @@ class FederatedEngine:
         (lax.map over chunks) to bound activation memory."""
         local = jax.tree.leaves(start)[0].shape[0]
         if local == 1:  # one client per device (e.g. one per GPU): no client axis to map over
-            squeeze = lambda t, axis=0: jax.tree.map(lambda x: x[(slice(None),) * axis + (0,)], t)  # noqa: E731
+            # (vmapping an axis of size 1 would turn the local steps' cond into selects)
+            squeeze = lambda t, axis=0: jax.tree.map(lambda x: jnp.squeeze(x, axis), t)  # noqa: E731
             out = self.local_update(squeeze(start), squeeze(os0), frozen, rest, anchor, squeeze(batches, 1))
             return jax.tree.map(lambda x: x[None], out)
-        # A chunk of one always loops (see below), even when the device has one client.
         all_at_once = self.client_chunk is None or (self.client_chunk > 1 and self.client_chunk >= local)
         if all_at_once:
             return jax.vmap(self.local_update, in_axes=(0, 0, None, None, None, 1))(
